@@ -1,0 +1,27 @@
+// The operator schemas, registered once for every back end, and the Python module that loads
+// them. Back ends add kernels with TORCH_LIBRARY_IMPL in their own files; the fake (meta)
+// kernels for torch.compile are registered from Python (i2am_fast/ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(i2am_fast, m) {
+  // Attention output and the three I²AM maps of one cross-attention call (SPEC.md).
+  m.def(
+      "attention_with_maps(Tensor q, Tensor k, Tensor v, float? scale=None, Tensor? query_weights=None, "
+      "Tensor? probe_index=None, int[]? map_batch=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same, adding the maps into caller-owned float32 accumulators; returns the output.
+  m.def(
+      "attention_with_maps_accumulate(Tensor q, Tensor k, Tensor v, Tensor(a!) generated, Tensor(b!) reference, "
+      "Tensor(c!)? probes=None, float? scale=None, Tensor? query_weights=None, Tensor? probe_index=None, "
+      "int[]? map_batch=None) -> Tensor");
+}
+
+// Importing i2am_fast._C runs the registrations above; the module itself has no functions.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "i2am_fast operator library (the operators live in torch.ops.i2am_fast)";
+#ifdef I2AM_FAST_WITH_CUDA
+  module.attr("with_cuda") = true;
+#else
+  module.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,22 @@
+"""i2am_fast: I²AM attribution maps for image-to-image latent diffusion, streamed.
+
+``attention_with_maps`` computes a cross-attention output together with the generated,
+reference and specific-reference attribution maps of I²AM without ever storing the
+``Nq x Nk`` attention matrix; ``reference.attention_with_maps_reference`` is the
+materialising float64 definition it is tested against.
+"""
+
+from . import reference
+from ._C import with_cuda as built_with_cuda
+from .ops import attention_with_maps, attention_with_maps_accumulate
+from .types import AttentionWithMaps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionWithMaps",
+    "attention_with_maps",
+    "attention_with_maps_accumulate",
+    "built_with_cuda",
+    "reference",
+]
