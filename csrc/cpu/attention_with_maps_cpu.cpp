@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -52,6 +53,8 @@ class SingleThreadedBlas {
 
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kKeyBlock = 512;
+// Work items (batch, head, query chunk) aimed for: enough to balance up to a few dozen threads.
+constexpr int64_t kTargetItems = 64;
 constexpr const char* kOpName = "attention_with_maps";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -67,6 +70,8 @@ void for_each_item(int64_t count, MakeScratch make_scratch, Body body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's grad mode; the kernel records no graph.
+    at::NoGradGuard no_grad;
     SingleThreadedBlas single_threaded_blas;
     auto scratch = make_scratch();
     for (int64_t w = begin; w < end; ++w) {
@@ -109,10 +114,12 @@ class AttentionWithMapsCpu {
       : p_(p), q_(q), k_(k), v_(v), output_(output), generated_(generated), reference_(reference), probes_(probes) {
     acc_dtype_ = c10::CppTypeToScalarType<acc_t>::value;
     query_blocks_ = ceil_div(p.num_queries, kQueryBlock);
-    // Enough chunks per (batch, head) to keep every thread busy, few enough that the per-chunk
-    // column state (3 x Nk values per map chunk) stays small.
+    // Enough chunks per (batch, head) to keep many threads busy, few enough that the per-chunk
+    // column state (3 x Nk values per map chunk) stays small. The count depends on the problem
+    // only, never on the thread count, so the order of every sum (and so every bit of the
+    // maps) is the same whatever the machine's parallelism.
     const int64_t pairs = std::max<int64_t>(1, p.batch * p.heads);
-    chunks_ = std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), pairs), 1, query_blocks_);
+    chunks_ = std::clamp<int64_t>(ceil_div(kTargetItems, pairs), 1, query_blocks_);
     blocks_per_chunk_ = ceil_div(query_blocks_, chunks_);
     chunks_ = ceil_div(query_blocks_, blocks_per_chunk_);
 
@@ -186,7 +193,8 @@ class AttentionWithMapsCpu {
   // q_tile[0:rows] = scale * q[b, h, q0:q0+rows].
   void load_query_block(int64_t b, int64_t h, int64_t q0, int64_t rows, Scratch<acc_t>& s) const {
     at::Tensor dst = s.q_tile.narrow(0, 0, rows);
-    at::mul_out(dst, q_.select(0, b).select(0, h).narrow(0, q0, rows), p_.scale);
+    dst.copy_(q_.select(0, b).select(0, h).narrow(0, q0, rows));  // converts float16/bfloat16 exactly
+    dst.mul_(p_.scale);
   }
 
   at::Tensor scores(Scratch<acc_t>& s, int64_t rows, int64_t cols, const at::Tensor& keys, int64_t k0) const {
