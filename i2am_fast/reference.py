@@ -114,35 +114,41 @@ def attention_with_maps_reference(
     Nk = k.shape[2]
     device = q.device
 
-    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # S: [B, H, Nq, Nk]
-    p_keys = torch.softmax(scores, dim=-1)  # softmax over keys: [B, H, Nq, Nk]
-    output = torch.matmul(p_keys, vc)  # [B, H, Nq, Dv]
-
-    if map_batch == list(range(B)):  # avoid copying the full matrices when maps cover all
-        scores_m, p_keys_m = scores, p_keys
-    else:
-        idx = torch.tensor(map_batch, dtype=torch.long, device=device)
-        scores_m, p_keys_m = scores.index_select(0, idx), p_keys.index_select(0, idx)
+    # One batch entry at a time, as one UNet call per entry would: every [H, Nq, Nk] matrix
+    # of that entry is materialised (S, the key softmax, and for map entries the query
+    # softmax), but not those of the whole batch at once.
+    slot_of_entry = {entry: slot for slot, entry in enumerate(map_batch)}
     Bm = len(map_batch)
+    Dv = v.shape[3]
+    output = torch.empty(B, H, Nq, Dv, dtype=compute_dtype, device=device)
+    generated = torch.empty(Bm, H, Nq, dtype=compute_dtype, device=device)
+    reference = torch.empty(Bm, H, Nk, dtype=compute_dtype, device=device)
+    P = 0 if probe_index is None else probe_index.shape[0]
+    probes = torch.empty(Bm, H, P, Nk, dtype=compute_dtype, device=device)
+    if query_weights is not None:
+        weights = query_weights.to(device=device, dtype=compute_dtype).expand(B, Nq)
 
-    # Generated map: softmax over QUERIES (dim=-2), then mean over keys. [Bm, H, Nq]
-    generated = torch.softmax(scores_m, dim=-2).mean(dim=-1)
-    del scores, scores_m
+    for b in range(B):
+        qc, kc, vc = (t[b].to(compute_dtype) for t in (q, k, v))
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # S: [H, Nq, Nk]
+        p_keys = torch.softmax(scores, dim=-1)  # softmax over keys: [H, Nq, Nk]
+        output[b] = torch.matmul(p_keys, vc)  # [H, Nq, Dv]
+        slot = slot_of_entry.get(b)
+        if slot is None:
+            continue
 
-    # Reference map: (1/Nq) Σ_q w[q] · softmax_over_keys(S)[q, k]. [Bm, H, Nk]
-    if query_weights is None:
-        w = torch.ones(Bm, Nq, dtype=compute_dtype, device=device)
-    else:
-        w = query_weights.to(device=device, dtype=compute_dtype).expand(B, Nq)
-        w = w[map_batch] if Bm else w[:0]
-    # [Bm, 1, 1, Nq] @ [Bm, H, Nq, Nk] -> [Bm, H, 1, Nk]
-    reference = torch.matmul(w[:, None, None, :], p_keys_m).squeeze(-2) / Nq
+        # Generated map: softmax over QUERIES (dim=-2), then mean over keys. [H, Nq]
+        generated[slot] = torch.softmax(scores, dim=-2).mean(dim=-1)
+        del scores
 
-    # Specific-reference maps: chosen rows of the key softmax. [Bm, H, P, Nk]
-    if probe_index is None:
-        probes = p_keys_m.new_zeros(Bm, H, 0, Nk)
-    else:
-        probes = p_keys_m.index_select(2, probe_index.to(device=device, dtype=torch.long))
+        # Reference map: (1/Nq) Σ_q w[q] · softmax_over_keys(S)[q, k]. [H, Nk]
+        if query_weights is None:
+            reference[slot] = p_keys.sum(dim=-2) / Nq
+        else:
+            reference[slot] = torch.matmul(weights[b], p_keys) / Nq  # [Nq] @ [H, Nq, Nk]
+
+        # Specific-reference maps: chosen rows of the key softmax. [H, P, Nk]
+        if P:
+            probes[slot] = p_keys.index_select(1, probe_index.to(device=device, dtype=torch.long))
 
     return AttentionWithMaps(output, generated, reference, probes)

@@ -27,29 +27,8 @@
 #include <limits>
 #include <vector>
 
-// MKL, when it is torch's BLAS, may start its own threads for a product called from inside
-// at::parallel_for; each worker already owns a whole tile, so it asks for one thread. A weak
-// reference: with another BLAS the symbol is absent and nothing is called.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace i2am_fast {
 namespace {
-
-// Sets this thread's MKL thread count to 1 for the scope (no-op without MKL).
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) {
-      MKL_Set_Num_Threads_Local(previous_);
-    }
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int previous_;
-};
 
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kKeyBlock = 512;
@@ -72,7 +51,6 @@ void for_each_item(int64_t count, MakeScratch make_scratch, Body body) {
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's grad mode; the kernel records no graph.
     at::NoGradGuard no_grad;
-    SingleThreadedBlas single_threaded_blas;
     auto scratch = make_scratch();
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t item = next.fetch_add(1); item < count; item = next.fetch_add(1)) {
