@@ -3,18 +3,25 @@
 ``attention_with_maps`` computes a cross-attention output together with the generated,
 reference and specific-reference attribution maps of I²AM without ever storing the
 ``Nq x Nk`` attention matrix; ``reference.attention_with_maps_reference`` is the
-materialising float64 definition it is tested against.
+materialising float64 definition it is tested against. ``trace`` puts the op into a
+diffusers pipeline and returns every map of the paper as ``AttributionMaps``.
 """
 
 from . import reference
 from ._C import with_cuda as built_with_cuda
+from .maps import AttributionMaps, LayerInfo
 from .ops import attention_with_maps, attention_with_maps_accumulate
+from .tracer import Tracer, trace
 from .types import AttentionWithMaps
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionWithMaps",
+    "AttributionMaps",
+    "LayerInfo",
+    "Tracer",
+    "trace",
     "attention_with_maps",
     "attention_with_maps_accumulate",
     "built_with_cuda",

@@ -1,0 +1,253 @@
+"""Reading attribution maps: aggregate, resize, normalise, save and load (SPEC.md, eq. 5-16).
+
+The tracer leaves, per traced layer ``l``, float32 state at the layer's own resolution:
+
+- ``generated[l]``  ``[G, I, H, Nq_l]``  sums over the steps of each time group of the
+  generated map (softmax over queries, mean over keys);
+- ``reference[l]``  ``[G, I, H, Nk_l]``  the same for the reference map (softmax over keys,
+  mask-weighted mean over queries);
+- ``probes[l]``     ``[G, I, H, P, Nk_l]`` the same for the key-softmax rows of the probed
+  queries (specific-reference maps),
+
+with ``G`` time groups, ``I`` images and ``H`` heads. Reading a map picks a time group (or sums
+all of them), picks a head (or averages them), resizes each layer's map to a common grid
+(bicubic, clamped at 0, as the paper's authors do) and averages over layers; ``normalize=True``
+then applies min-max normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttributionMaps", "LayerInfo", "normalize_map", "pixel_map", "resize_map"]
+
+NORMALIZE_EPS = 1e-8
+PIXEL_THRESHOLD = 0.4
+_FORMAT = "i2am_fast.AttributionMaps/1"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One traced cross-attention layer.
+
+    ``generated_grid`` is the layer's query grid ``(h_l, w_l)``; the reference map of the layer
+    covers the last ``reference_grid[0] * reference_grid[1]`` of its ``num_keys`` tokens, the
+    first ``reference_offset`` tokens (a CLS token, text tokens) being off the grid.
+    """
+
+    name: str
+    generated_grid: tuple[int, int]
+    reference_grid: tuple[int, int]
+    reference_offset: int
+    heads: int
+    num_keys: int
+
+
+def resize_map(m: torch.Tensor, size: Sequence[int], mode: str = "bicubic") -> torch.Tensor:
+    """Resizes ``[..., h, w]`` maps to ``size`` (bicubic or bilinear), clamped at 0.
+
+    Bicubic interpolation overshoots below 0 next to sharp edges; clamping, as the paper's
+    authors do, keeps the maps non-negative. Resizing is linear, so resizing a sum of maps
+    equals summing the resized maps.
+    """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}.")
+    size = (int(size[0]), int(size[1]))
+    if tuple(m.shape[-2:]) == size:
+        return m
+    lead = m.shape[:-2]
+    flat = m.reshape(-1, 1, *m.shape[-2:]).float()
+    out = F.interpolate(flat, size=size, mode=mode, align_corners=False).clamp_min(0)
+    return out.reshape(*lead, *size)
+
+
+def normalize_map(m: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation to [0, 1]: ``(m - min) / (max - min + 1e-8)`` (eq. 7)."""
+    return (m - m.min()) / (m.max() - m.min() + NORMALIZE_EPS)
+
+
+def pixel_map(m: torch.Tensor, size: Sequence[int], threshold: float = PIXEL_THRESHOLD, mode: str = "bicubic") -> torch.Tensor:
+    """A normalised map at pixel resolution with small values removed (eq. 8-9).
+
+    ``m`` ``[h, w]`` is resized to ``size`` = (H, W), clamped at 0, normalised to [0, 1], and
+    values at or below ``threshold`` are set to 0: ``m_hat = m * 1(m > threshold)``.
+    """
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
+    up = normalize_map(resize_map(m, size, mode))
+    return up * (up > threshold)
+
+
+class AttributionMaps:
+    """The I²AM maps of a traced run, at each layer's resolution, and how to read them.
+
+    Obtain one from ``tracer.maps()`` or :meth:`load`. Every reader returns a float32 tensor on
+    the device the state lives on:
+
+    - :meth:`generated` ``[h, w]`` on the latent grid: where the generated image used the
+      reference;
+    - :meth:`reference` ``[h_I, w_I]`` on the finest reference grid: which reference regions
+      were used;
+    - :meth:`specific_reference` ``[h_I, w_I]``: which reference regions one probed latent
+      cell used.
+
+    With ``time_group=None`` the maps integrate over time, with ``head=None`` over heads;
+    ``layer=name`` reads one layer at its own grid (no resize, no mean over layers).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerInfo],
+        generated: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor],
+        probes: dict[str, torch.Tensor],
+        *,
+        latent_grid: tuple[int, int],
+        time_groups: int,
+        num_steps: int,
+        probe_points: Sequence[tuple[int, int]] = (),
+        cfg: str = "cond",
+        image_entries: Sequence[str] = (),
+    ):
+        self.layers = list(layers)
+        self.latent_grid = (int(latent_grid[0]), int(latent_grid[1]))
+        self.time_groups = int(time_groups)
+        self.num_steps = int(num_steps)
+        self.probe_points = [(int(r), int(c)) for r, c in probe_points]
+        self.cfg = cfg
+        self.image_entries = list(image_entries)
+        self._generated = dict(generated)
+        self._reference = dict(reference)
+        self._probes = dict(probes)
+        if not self.layers:
+            raise ValueError("AttributionMaps needs at least one traced layer.")
+        for info in self.layers:
+            g = self._generated[info.name]
+            if g.dim() != 4 or g.shape[0] != self.time_groups or g.shape[2] != info.heads:
+                raise ValueError(f"generated state of layer {info.name} has shape {list(g.shape)}, expected [G, I, H, Nq].")
+        self.num_images = int(self._generated[self.layers[0].name].shape[1])
+        self.reference_grid = max((info.reference_grid for info in self.layers), key=lambda g: g[0] * g[1])
+
+    # ------------------------------------------------------------------ reading
+    def generated(self, time_group: Optional[int] = None, head: Optional[int] = None, image: int = 0,
+                  normalize: bool = True, layer: Optional[str] = None, mode: str = "bicubic") -> torch.Tensor:
+        """Generated-image attribution map ``[h, w]`` (eq. 4-7; per group eq. 10, per head eq. 11)."""
+        return self._read("generated", time_group, head, image, normalize, layer, mode)
+
+    def reference(self, time_group: Optional[int] = None, head: Optional[int] = None, image: int = 0,
+                  normalize: bool = True, layer: Optional[str] = None, mode: str = "bicubic") -> torch.Tensor:
+        """Reference-image attribution map ``[h_I, w_I]`` (eq. 12-15, weighted by eq. 17 when an
+        inpainting mask was traced)."""
+        return self._read("reference", time_group, head, image, normalize, layer, mode)
+
+    def specific_reference(self, point: Sequence[int], time_group: Optional[int] = None, head: Optional[int] = None,
+                           image: int = 0, normalize: bool = True, layer: Optional[str] = None,
+                           mode: str = "bicubic") -> torch.Tensor:
+        """Specific-reference map ``[h_I, w_I]`` of a probed latent cell ``point = (row, col)`` (eq. 16)."""
+        point = (int(point[0]), int(point[1]))
+        if point not in self.probe_points:
+            raise ValueError(
+                f"point {point} was not probed; traced probes are {self.probe_points}. "
+                "Pass it in trace(..., probes=[(row, col), ...]) before the run."
+            )
+        return self._read("probes", time_group, head, image, normalize, layer, mode, probe=self.probe_points.index(point))
+
+    def layer_names(self) -> list[str]:
+        return [info.name for info in self.layers]
+
+    def _read(self, kind, time_group, head, image, normalize, layer, mode, probe=None):
+        self._check_selection(time_group, head, image)
+        infos = self.layers if layer is None else [self._layer(layer)]
+        per_layer = []
+        for info in infos:
+            state = {"generated": self._generated, "reference": self._reference, "probes": self._probes}[kind][info.name]
+            x = state.sum(0) if time_group is None else state[time_group]  # [I, H, ...]
+            x = x[image]  # [H, N] or [H, P, N]
+            if probe is not None:
+                x = x[:, probe]
+            x = x if head is None else x[head : head + 1]  # [heads, N]
+            if kind == "generated":
+                x = x.reshape(-1, *info.generated_grid)
+                target = self.latent_grid
+            else:
+                x = x[:, info.reference_offset :].reshape(-1, *info.reference_grid)
+                target = self.reference_grid
+            # Eq. 6 / 14: each (layer, head) map is resized (and clamped) before the means.
+            per_layer.append((x if layer is not None else resize_map(x, target, mode)).mean(0))
+        m = torch.stack(per_layer).mean(0) if layer is None else per_layer[0]
+        return normalize_map(m) if normalize else m
+
+    def _layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise ValueError(f"layer {name!r} was not traced; traced layers are {self.layer_names()}.")
+
+    def _check_selection(self, time_group, head, image):
+        if time_group is not None and not 0 <= time_group < self.time_groups:
+            raise ValueError(f"time_group {time_group} is out of range: this trace has {self.time_groups} time groups "
+                             f"(0..{self.time_groups - 1}); pass None to integrate over time.")
+        if head is not None:
+            heads = min(info.heads for info in self.layers)
+            if not 0 <= head < heads:
+                raise ValueError(f"head {head} is out of range: the traced layers have {heads} heads (0..{heads - 1}); "
+                                 "pass None to integrate over heads.")
+        if not 0 <= image < self.num_images:
+            raise ValueError(f"image {image} is out of range: this trace holds maps for {self.num_images} image(s) "
+                             f"(0..{self.num_images - 1}).")
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str) -> None:
+        """Writes the state as safetensors, with the layer table and settings as JSON metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for info in self.layers:
+            tensors[f"{info.name}::generated"] = self._generated[info.name].detach().cpu().contiguous()
+            tensors[f"{info.name}::reference"] = self._reference[info.name].detach().cpu().contiguous()
+            if info.name in self._probes:
+                tensors[f"{info.name}::probes"] = self._probes[info.name].detach().cpu().contiguous()
+        meta = {
+            "format": _FORMAT,
+            "layers": [asdict(info) for info in self.layers],
+            "latent_grid": list(self.latent_grid),
+            "time_groups": self.time_groups,
+            "num_steps": self.num_steps,
+            "probe_points": [list(p) for p in self.probe_points],
+            "cfg": self.cfg,
+            "image_entries": self.image_entries,
+        }
+        save_file(tensors, path, metadata={"i2am_fast": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> "AttributionMaps":
+        """Reads maps written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("i2am_fast")
+            if raw is None:
+                raise ValueError(f"{path} has no i2am_fast metadata; it was not written by AttributionMaps.save.")
+            meta = json.loads(raw)
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} holds format {meta.get('format')!r}; this version reads {_FORMAT!r}.")
+            layers = [LayerInfo(d["name"], tuple(d["generated_grid"]), tuple(d["reference_grid"]),
+                                d["reference_offset"], d["heads"], d["num_keys"]) for d in meta["layers"]]
+            keys = set(f.keys())
+            generated = {i.name: f.get_tensor(f"{i.name}::generated") for i in layers}
+            reference = {i.name: f.get_tensor(f"{i.name}::reference") for i in layers}
+            probes = {i.name: f.get_tensor(f"{i.name}::probes") for i in layers if f"{i.name}::probes" in keys}
+        return cls(layers, generated, reference, probes, latent_grid=tuple(meta["latent_grid"]),
+                   time_groups=meta["time_groups"], num_steps=meta["num_steps"],
+                   probe_points=[tuple(p) for p in meta["probe_points"]], cfg=meta["cfg"],
+                   image_entries=meta.get("image_entries", []))
+
+    def __repr__(self) -> str:
+        return (f"AttributionMaps({len(self.layers)} layers, latent grid {self.latent_grid}, reference grid "
+                f"{self.reference_grid}, {self.time_groups} time groups over {self.num_steps} steps, "
+                f"{self.num_images} image(s), probes {self.probe_points})")

@@ -1,0 +1,231 @@
+"""diffusers attention processors that compute I²AM maps while they attend.
+
+Each processor repeats the body of the diffusers processor it replaces (spatial norm, 4-D
+inputs, group norm, ``norm_cross``, ``norm_q``/``norm_k``, output projection, residual,
+rescale), so a traced model computes exactly what it computes untraced, and hands the
+attention itself to its :class:`~i2am_fast.tracer.TracedLayer`, which runs
+``attention_with_maps_accumulate`` and adds the maps into the trace's state.
+
+diffusers' ``Attention.forward`` passes a processor only the keyword arguments its
+``__call__`` declares, so every keyword a processor needs is spelled out.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers.models.attention_processor import Attention
+
+    from .tracer import TracedLayer
+
+__all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor"]
+
+
+def _no_attention_mask(attention_mask, layer_name: str) -> None:
+    if attention_mask is not None:
+        raise ValueError(
+            f"layer {layer_name} was called with an attention mask; i2am_fast's streaming op has no "
+            "masks, so masked cross-attention cannot be traced. Exclude the layer with "
+            "trace(..., layers=...) or run without the mask."
+        )
+
+
+class I2AMAttnProcessor:
+    """``AttnProcessor2_0`` (and ``AttnProcessor``) with the attention computed by i2am_fast.
+
+    ``scale`` is the scale of the processor replaced: ``None`` (SDPA's default ``1/sqrt(d)``)
+    for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``.
+    """
+
+    def __init__(self, layer: "TracedLayer", scale: Optional[float] = None):
+        self.layer = layer
+        self.scale = scale
+
+    def __call__(
+        self,
+        attn: "Attention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        spatial_grid = None
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            spatial_grid = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        _no_attention_mask(attention_mask, self.layer.name)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = self.layer.attend(query, key, value, scale=self.scale, spatial_grid=spatial_grid)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+class I2AMIPAdapterAttnProcessor:
+    """``IPAdapterAttnProcessor2_0`` whose image-token branches are traced.
+
+    The text branch is computed as diffusers computes it (SDPA, untouched, no maps); each
+    IP-Adapter image branch ``j`` goes through the traced layer ``layers[j]``. Uses the
+    replaced processor's ``to_k_ip`` / ``to_v_ip`` weights and scales. ``ip_adapter_masks``
+    (regional IP-Adapter) is not supported while tracing.
+    """
+
+    def __init__(self, original, layers: list["TracedLayer"]):
+        self.original = original
+        self.layers = layers
+
+    def __call__(
+        self,
+        attn: "Attention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        scale: float = 1.0,
+        ip_adapter_masks: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        original = self.original
+        residual = hidden_states
+
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                f"layer {self.layers[0].name}: IP-Adapter tracing needs encoder_hidden_states as a "
+                "(text_states, [image_states, ...]) tuple, as diffusers' UNet passes it when "
+                "added_cond_kwargs holds image_embeds."
+            )
+        encoder_hidden_states, ip_hidden_states = encoder_hidden_states
+        if ip_adapter_masks is not None:
+            raise ValueError(
+                f"layer {self.layers[0].name}: ip_adapter_masks (regional IP-Adapter) cannot be traced; "
+                "run without masks or exclude the layer with trace(..., layers=...)."
+            )
+
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        spatial_grid = None
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            spatial_grid = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        # The text branch, exactly as diffusers computes it.
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # The image branches, traced.
+        for layer, current_ip_hidden_states, ip_scale, to_k_ip, to_v_ip in zip(
+            self.layers, ip_hidden_states, original.scale, original.to_k_ip, original.to_v_ip
+        ):
+            if isinstance(ip_scale, list):
+                if all(s == 0 for s in ip_scale):
+                    continue
+                raise ValueError(f"layer {layer.name}: per-image IP-Adapter scales need masks, which cannot be traced.")
+            if ip_scale == 0:
+                continue
+            ip_key = to_k_ip(current_ip_hidden_states)
+            ip_value = to_v_ip(current_ip_hidden_states)
+            ip_key = ip_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_value = ip_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+            branch = layer.attend(query, ip_key, ip_value, scale=None, spatial_grid=spatial_grid)
+            branch = branch.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            branch = branch.to(query.dtype)
+            hidden_states = hidden_states + ip_scale * branch
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
