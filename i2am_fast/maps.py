@@ -74,12 +74,13 @@ def normalize_map(m: torch.Tensor) -> torch.Tensor:
 def pixel_map(m: torch.Tensor, size: Sequence[int], threshold: float = PIXEL_THRESHOLD, mode: str = "bicubic") -> torch.Tensor:
     """A normalised map at pixel resolution with small values removed (eq. 8-9).
 
-    ``m`` ``[h, w]`` is resized to ``size`` = (H, W), clamped at 0, normalised to [0, 1], and
-    values at or below ``threshold`` are set to 0: ``m_hat = m * 1(m > threshold)``.
+    ``m`` ``[h, w]`` (normalised, as the readers return it by default) is resized to
+    ``size = (H, W)`` and clamped at 0, then values at or below ``threshold`` are set to 0:
+    ``m_hat = m * 1(m > threshold)``.
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
-    up = normalize_map(resize_map(m, size, mode))
+    up = resize_map(m, size, mode)
     return up * (up > threshold)
 
 
@@ -94,7 +95,9 @@ class AttributionMaps:
     - :meth:`reference` ``[h_I, w_I]`` on the finest reference grid: which reference regions
       were used;
     - :meth:`specific_reference` ``[h_I, w_I]``: which reference regions one probed latent
-      cell used.
+      cell used;
+    - :meth:`generated_pixels` / :meth:`reference_pixels`: the same at image size, with the
+      paper's 0.4 threshold.
 
     With ``time_group=None`` the maps integrate over time, with ``head=None`` over heads;
     ``layer=name`` reads one layer at its own grid (no resize, no mean over layers).
@@ -156,6 +159,15 @@ class AttributionMaps:
                 "Pass it in trace(..., probes=[(row, col), ...]) before the run."
             )
         return self._read("probes", time_group, head, image, normalize, layer, mode, probe=self.probe_points.index(point))
+
+    def generated_pixels(self, size: Sequence[int], threshold: float = PIXEL_THRESHOLD, **selection) -> torch.Tensor:
+        """The normalised generated map at image size ``(H, W)``, thresholded (eq. 8-9).
+        ``selection``: time_group, head, image, layer, as for :meth:`generated`."""
+        return pixel_map(self.generated(normalize=True, **selection), size, threshold)
+
+    def reference_pixels(self, size: Sequence[int], threshold: float = PIXEL_THRESHOLD, **selection) -> torch.Tensor:
+        """The normalised reference map at reference-image size ``(H, W)``, thresholded."""
+        return pixel_map(self.reference(normalize=True, **selection), size, threshold)
 
     def layer_names(self) -> list[str]:
         return [info.name for info in self.layers]
