@@ -12,7 +12,7 @@ diffusers' ``Attention.forward`` passes a processor only the keyword arguments i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,82 @@ def _no_attention_mask(attention_mask, layer_name: str) -> None:
             "masks, so masked cross-attention cannot be traced. Exclude the layer with "
             "trace(..., layers=...) or run without the mask."
         )
+
+
+class _Projected(NamedTuple):
+    """What both processors compute before the attention itself (AttnProcessor2_0's prologue)."""
+
+    query: torch.Tensor  # [B, H, Nq, d]
+    key: torch.Tensor  # [B, H, Nk, d]
+    value: torch.Tensor  # [B, H, Nk, d]
+    residual: torch.Tensor
+    input_shape: Optional[tuple]  # (B, C, h, w) for 4-D inputs, else None
+    attention_mask: Optional[torch.Tensor]  # prepared for SDPA, [B, H, ., Nk]
+
+
+def _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, qk_norm: bool) -> _Projected:
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+
+    input_shape = None
+    if hidden_states.ndim == 4:
+        input_shape = tuple(hidden_states.shape)
+        batch_size, channel, height, width = input_shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+    if qk_norm:
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+    return _Projected(query, key, value, residual, input_shape, attention_mask)
+
+
+def _merge_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, N, d] -> [B, N, H*d] in ``dtype``."""
+    batch_size, heads, _, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(dtype)
+
+
+def _finish(attn, hidden_states: torch.Tensor, p: _Projected) -> torch.Tensor:
+    """AttnProcessor2_0's epilogue: output projection, dropout, 4-D shape, residual, rescale."""
+    hidden_states = attn.to_out[0](hidden_states)  # linear projection
+    hidden_states = attn.to_out[1](hidden_states)  # dropout
+    if p.input_shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(p.input_shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + p.residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _spatial_grid(p: _Projected) -> Optional[tuple[int, int]]:
+    return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
 
 
 class I2AMAttnProcessor:
@@ -55,63 +131,10 @@ class I2AMAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        spatial_grid = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            spatial_grid = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
         _no_attention_mask(attention_mask, self.layer.name)
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        hidden_states = self.layer.attend(query, key, value, scale=self.scale, spatial_grid=spatial_grid)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        p = _project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, spatial_grid=_spatial_grid(p))
+        return _finish(attn, _merge_heads(out, p.query.dtype), p)
 
 
 class I2AMIPAdapterAttnProcessor:
@@ -120,7 +143,8 @@ class I2AMIPAdapterAttnProcessor:
     The text branch is computed as diffusers computes it (SDPA, untouched, no maps); each
     IP-Adapter image branch ``j`` goes through the traced layer ``layers[j]``. Uses the
     replaced processor's ``to_k_ip`` / ``to_v_ip`` weights and scales. ``ip_adapter_masks``
-    (regional IP-Adapter) is not supported while tracing.
+    (regional IP-Adapter) is not supported while tracing. Like diffusers' processor, it
+    applies no ``norm_q`` / ``norm_k``.
     """
 
     def __init__(self, original, layers: list["TracedLayer"]):
@@ -137,68 +161,29 @@ class I2AMIPAdapterAttnProcessor:
         scale: float = 1.0,
         ip_adapter_masks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        original = self.original
-        residual = hidden_states
-
         if not isinstance(encoder_hidden_states, tuple):
             raise ValueError(
                 f"layer {self.layers[0].name}: IP-Adapter tracing needs encoder_hidden_states as a "
                 "(text_states, [image_states, ...]) tuple, as diffusers' UNet passes it when "
                 "added_cond_kwargs holds image_embeds."
             )
-        encoder_hidden_states, ip_hidden_states = encoder_hidden_states
         if ip_adapter_masks is not None:
             raise ValueError(
                 f"layer {self.layers[0].name}: ip_adapter_masks (regional IP-Adapter) cannot be traced; "
                 "run without masks or exclude the layer with trace(..., layers=...)."
             )
-
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        spatial_grid = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            spatial_grid = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        encoder_hidden_states, ip_hidden_states = encoder_hidden_states
+        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, qk_norm=False)
+        batch_size, heads, _, head_dim = p.query.shape
 
         # The text branch, exactly as diffusers computes it.
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        text = F.scaled_dot_product_attention(
+            p.query, p.key, p.value, attn_mask=p.attention_mask, dropout_p=0.0, is_causal=False
         )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = _merge_heads(text, p.query.dtype)
 
         # The image branches, traced.
+        original = self.original
         for layer, current_ip_hidden_states, ip_scale, to_k_ip, to_v_ip in zip(
             self.layers, ip_hidden_states, original.scale, original.to_k_ip, original.to_v_ip
         ):
@@ -208,24 +193,9 @@ class I2AMIPAdapterAttnProcessor:
                 raise ValueError(f"layer {layer.name}: per-image IP-Adapter scales need masks, which cannot be traced.")
             if ip_scale == 0:
                 continue
-            ip_key = to_k_ip(current_ip_hidden_states)
-            ip_value = to_v_ip(current_ip_hidden_states)
-            ip_key = ip_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ip_value = ip_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_key = to_k_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            ip_value = to_v_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            branch = layer.attend(p.query, ip_key, ip_value, scale=None, spatial_grid=_spatial_grid(p))
+            hidden_states = hidden_states + ip_scale * _merge_heads(branch, p.query.dtype)
 
-            branch = layer.attend(query, ip_key, ip_value, scale=None, spatial_grid=spatial_grid)
-            branch = branch.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            branch = branch.to(query.dtype)
-            hidden_states = hidden_states + ip_scale * branch
-
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+        return _finish(attn, hidden_states, p)
