@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README.md):
-#   make demo   create .venv, install, run the main job on the embedded default
+#   make demo   create .venv, install, run the main job (i2am-fast demo) on the embedded default
 #   make test   create .venv, install, run the tests
 # Both are idempotent: the install step reruns only when the sources or requirements change.
 
@@ -27,7 +27,7 @@ $(STAMP): $(PY) $(SOURCES)
 	touch $(STAMP)
 
 demo: setup
-	$(PY) examples/attention_maps_demo.py
+	$(VENV)/bin/i2am-fast demo --out demo-out --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -76,6 +76,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "diffusers>=0.27", "numpy", "safetensors", "pillow"],
     ext_modules=[extension()],
+    entry_points={"console_scripts": ["i2am-fast=i2am_fast.cli:main"]},
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

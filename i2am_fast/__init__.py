@@ -9,7 +9,7 @@ diffusers pipeline and returns every map of the paper as ``AttributionMaps``.
 
 from . import reference
 from ._C import with_cuda as built_with_cuda
-from .maps import AttributionMaps, LayerInfo
+from .maps import AttributionMaps, LayerInfo, imacs
 from .ops import attention_with_maps, attention_with_maps_accumulate
 from .tracer import Tracer, trace
 from .types import AttentionWithMaps
@@ -24,6 +24,7 @@ __all__ = [
     "trace",
     "attention_with_maps",
     "attention_with_maps_accumulate",
+    "imacs",
     "built_with_cuda",
     "reference",
 ]

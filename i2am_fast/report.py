@@ -1,0 +1,210 @@
+"""Writes the pictures, scores and HTML report of a traced run into a folder.
+
+Used by ``i2am-fast demo``, ``run`` and ``show``. Given :class:`~i2am_fast.AttributionMaps`
+(and, where known, the images of the run), it writes:
+
+- ``generated.png``: the generated image (and the inputs it was made from);
+- ``generated_map.png`` / ``generated_overlay.png``, ``reference_map.png`` /
+  ``reference_overlay.png``: time-and-head integrated maps, raw heat map and overlay;
+- ``generated_time_groups.png`` / ``reference_time_groups.png``: head-integrated maps per
+  time group; ``generated_heads.png`` / ``reference_heads.png``: time-integrated maps per
+  head (the layouts of the paper's figures 5-8);
+- ``specific_reference.png``: for each probed latent cell, the cell boxed in red on the
+  generated image beside its specific-reference map;
+- ``maps.safetensors`` (maps plus the images), ``imacs.json``, ``report.html`` (one page,
+  images embedded, no server needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from .maps import AttributionMaps, imacs
+from .pictures import contact_sheet, draw_box, heatmap, overlay, to_pil
+
+__all__ = ["write_outputs", "IMAGE_KEYS"]
+
+# Images a run may attach to its maps (each [3, H, W] or [H, W] in [0, 1]).
+IMAGE_KEYS = ("generated", "person", "inpaint_mask", "garment", "garment_mask")
+TILE_WIDTH = 192
+
+
+def _scaled(img: Image.Image, width: int = TILE_WIDTH) -> Image.Image:
+    if img.width == width:
+        return img
+    return img.resize((width, max(1, round(img.height * width / img.width))), Image.BICUBIC)
+
+
+def _map_tiles(read, count: int, base: Optional[Image.Image], size, labels) -> list:
+    tiles = []
+    for i in range(count):
+        m = read(i)
+        tiles.append(_scaled(overlay(base, m, alpha=0.55) if base is not None else heatmap(m, size, mode="bicubic")))
+    return tiles
+
+
+def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = None, *, title: str = "I²AM attribution maps",
+                  notes: Optional[list] = None, lam: float = 3.0, threshold: float = 0.4,
+                  progress=None) -> dict:
+    """Writes every output into ``out_dir`` (which must exist) and returns ``{name: path}``.
+
+    ``images`` (optional) holds any of :data:`IMAGE_KEYS`; with ``inpaint_mask`` the IMACS_g
+    score is computed, with ``garment_mask`` too IMACS_r. The images are saved inside
+    ``maps.safetensors`` as well, so ``i2am-fast show`` can redraw everything.
+    """
+    images = {k: v.detach().float().cpu() for k, v in (images or maps.images).items() if v is not None}
+    unknown = set(images) - set(IMAGE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown image names {sorted(unknown)}; expected some of {IMAGE_KEYS}.")
+    written = {}
+
+    def save(name: str, img: Image.Image) -> None:
+        path = os.path.join(out_dir, name)
+        img.save(path)
+        written[name] = path
+
+    steps = ["images", "maps", "time groups", "heads", "probes", "scores", "report"]
+    tick = (lambda i: progress(i, len(steps))) if progress else (lambda i: None)
+
+    pil = {k: to_pil(v) for k, v in images.items()}
+    for key in IMAGE_KEYS:
+        if key in pil:
+            save(f"{key}.png", pil[key])
+    tick(1)
+
+    generated_base, reference_base = pil.get("generated"), pil.get("garment")
+    gen_size = (generated_base.height, generated_base.width) if generated_base else (maps.latent_grid[0] * 8, maps.latent_grid[1] * 8)
+    ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(8 * v for v in maps.reference_grid)
+    g_all, r_all = maps.generated(), maps.reference()
+    save("generated_map.png", heatmap(g_all, gen_size, mode="nearest"))
+    save("reference_map.png", heatmap(r_all, ref_size, mode="nearest"))
+    if generated_base is not None:
+        save("generated_overlay.png", overlay(generated_base, g_all, alpha=0.5, threshold=threshold))
+    if reference_base is not None:
+        save("reference_overlay.png", overlay(reference_base, r_all, alpha=0.5, threshold=threshold))
+    tick(2)
+
+    groups = range(maps.time_groups)
+    group_labels = [f"t{tau} (steps {tau * maps.num_steps // maps.time_groups}-{(tau + 1) * maps.num_steps // maps.time_groups - 1})" for tau in groups]
+    for kind, base, size, read in (("generated", generated_base, gen_size, maps.generated),
+                                    ("reference", reference_base, ref_size, maps.reference)):
+        tiles = _map_tiles(lambda tau: read(time_group=tau), maps.time_groups, base, size, group_labels)
+        save(f"{kind}_time_groups.png", contact_sheet(tiles, group_labels, title=f"{kind} map, head-integrated, per time group"))
+    tick(3)
+
+    heads = min(info.heads for info in maps.layers)
+    head_labels = [f"head {n}" for n in range(heads)]
+    for kind, base, size, read in (("generated", generated_base, gen_size, maps.generated),
+                                    ("reference", reference_base, ref_size, maps.reference)):
+        tiles = _map_tiles(lambda n: read(head=n), heads, base, size, head_labels)
+        save(f"{kind}_heads.png", contact_sheet(tiles, head_labels, columns=min(heads, 8),
+                                                title=f"{kind} map, time-integrated, per head"))
+    tick(4)
+
+    if maps.probe_points:
+        tiles, labels = [], []
+        h, w = maps.latent_grid
+        for point in maps.probe_points:
+            r, c = point
+            left = generated_base if generated_base is not None else heatmap(g_all, gen_size)
+            sy, sx = left.height / h, left.width / w
+            tiles.append(_scaled(draw_box(left, (c * sx, r * sy, (c + 1) * sx - 1, (r + 1) * sy - 1), width=2)))
+            labels.append(f"cell {point}")
+            m = maps.specific_reference(point)
+            tiles.append(_scaled(overlay(reference_base, m, alpha=0.55) if reference_base is not None else heatmap(m, ref_size, mode="bicubic")))
+            labels.append(f"its reference map")
+        save("specific_reference.png", contact_sheet(tiles, labels, columns=2, title="specific-reference maps"))
+    tick(5)
+
+    scores = None
+    if "inpaint_mask" in images:
+        ref_args = {}
+        if "garment_mask" in images:
+            ref_args = dict(reference_map=r_all, reference_mask=images["garment_mask"])
+        scores = imacs(g_all, images["inpaint_mask"], lam=lam, threshold=threshold, **ref_args)
+        path = os.path.join(out_dir, "imacs.json")
+        with open(path, "w") as f:
+            json.dump(scores, f, indent=2)
+        written["imacs.json"] = path
+    maps_path = os.path.join(out_dir, "maps.safetensors")
+    maps.images = images
+    maps.save(maps_path)
+    written["maps.safetensors"] = maps_path
+    tick(6)
+
+    report_path = os.path.join(out_dir, "report.html")
+    with open(report_path, "w") as f:
+        f.write(_report_html(maps, written, scores, title, notes or []))
+    written["report.html"] = report_path
+    tick(7)
+    return written
+
+
+def _data_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+_CAPTIONS = [
+    ("inputs", ["person.png", "inpaint_mask.png", "garment.png", "garment_mask.png", "generated.png"],
+     "The inputs (person, region to fill, reference garment, garment mask) and the generated image."),
+    ("Where the generated image used the reference", ["generated_map.png", "generated_overlay.png"],
+     "Generated-image map, integrated over time and heads (eq. 4-7): raw heat map on the latent grid, and "
+     "overlaid on the generated image after the 0.4 threshold (eq. 8-9)."),
+    ("Which reference regions it used", ["reference_map.png", "reference_overlay.png"],
+     "Reference-image map (eq. 12-15), weighted by the inpainting mask when one was traced (eq. 17)."),
+    ("Over time", ["generated_time_groups.png", "reference_time_groups.png"],
+     "Head-integrated maps per time group (eq. 10), from the first (noisiest) steps to the last."),
+    ("Over heads", ["generated_heads.png", "reference_heads.png"],
+     "Time-integrated maps per attention head (eq. 11)."),
+    ("Specific-reference maps", ["specific_reference.png"],
+     "For each probed latent cell (red box), the reference regions that cell attended to (eq. 16)."),
+]
+
+
+def _report_html(maps: AttributionMaps, written: dict, scores: Optional[dict], title: str, notes: list) -> str:
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "img{max-width:100%;margin:4px;border:1px solid #ddd;vertical-align:top}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "p.caption{color:#555}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(repr(maps))}</p>",
+    ]
+    for note in notes:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    if scores is not None:
+        parts.append("<h2>IMACS (eq. 18)</h2><table><tr><th></th><th>score</th><th>mean inside</th><th>mean outside</th></tr>")
+        for key, label in (("g", "IMACS_g (generated map vs inpainting mask)"), ("r", "IMACS_r (reference map vs garment mask)")):
+            score = scores.get(f"imacs_{key}")
+            if score is None:
+                continue
+            part = scores["parts"][key]
+            parts.append(f"<tr><td style='text-align:left'>{label}</td><td>{score:.3f}</td>"
+                         f"<td>{part['inside']:.3f}</td><td>{part['outside']:.3f}</td></tr>")
+        parts.append(f"</table><p class='caption'>λ = {scores['lambda']}, threshold = {scores['threshold']}; "
+                     "range [−λ, 1], higher means the attribution stays inside the masks.</p>")
+    for heading, names, caption in _CAPTIONS:
+        present = [n for n in names if n in written]
+        if not present:
+            continue
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for name in present:
+            parts.append(f"<img alt='{html.escape(name)}' title='{html.escape(name)}' src='{_data_uri(written[name])}'>")
+        parts.append(f"<p class='caption'>{html.escape(caption)}</p>")
+    parts.append("<h2>Traced layers</h2><table><tr><th>layer</th><th>query grid</th><th>reference grid</th><th>heads</th><th>keys</th></tr>")
+    for info in maps.layers:
+        parts.append(f"<tr><td style='text-align:left'>{html.escape(info.name)}</td><td>{info.generated_grid[0]}×{info.generated_grid[1]}</td>"
+                     f"<td>{info.reference_grid[0]}×{info.reference_grid[1]}</td><td>{info.heads}</td><td>{info.num_keys}</td></tr>")
+    parts.append("</table></body></html>\n")
+    return "\n".join(parts)
