@@ -154,7 +154,7 @@ class Tracer:
         self.reference_grid = reference_grid
         self.probe_points = [self._point(p) for p in probes]
         self._mask_input = self._check_mask(inpaint_mask)
-        self.inpaint_mask: Optional[torch.Tensor] = None  # on the latent grid, set at the first call
+        self.inpaint_mask: Optional[torch.Tensor] = None  # checked against the latent grid at the first call
         self._fixed_latent_grid = None if latent_grid is None else (int(latent_grid[0]), int(latent_grid[1]))
         self.latent_grid: Optional[tuple[int, int]] = self._fixed_latent_grid
 
@@ -318,7 +318,7 @@ class Tracer:
                 raise ValueError(f"the latent grid changed from {self.latent_grid} to {grid} within one trace.")
             self.latent_grid = grid
         if self.inpaint_mask is None and self._mask_input is not None:
-            self.inpaint_mask = self._mask_on_latent(self._mask_input)
+            self.inpaint_mask = self._checked_mask(self._mask_input)
         self._check_probes()
 
         step, new_step = self._step_of(timestep)
@@ -382,7 +382,7 @@ class Tracer:
             raise ValueError(f"this call maps {call.num_images} image(s) but the trace began with {self._num_images}.")
         return call
 
-    def _mask_on_latent(self, mask: torch.Tensor) -> torch.Tensor:
+    def _checked_mask(self, mask: torch.Tensor) -> torch.Tensor:
         h, w = self.latent_grid
         f = self.vae_scale_factor
         if tuple(mask.shape) not in ((h, w), (h * f, w * f)):
@@ -390,9 +390,8 @@ class Tracer:
                 f"inpaint_mask has shape {list(mask.shape)}; pass it at the latent size {[h, w]} or the image "
                 f"size {[h * f, w * f]} (1 = the region to fill)."
             )
-        if tuple(mask.shape) == (h, w):
-            return mask
-        return F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        # Kept at its own size: each layer resizes it straight to its grid (one resampling).
+        return mask
 
     def _check_probes(self) -> None:
         h, w = self.latent_grid

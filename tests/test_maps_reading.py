@@ -1,0 +1,62 @@
+"""Pixel-space reading (eq. 8-9), resize helpers and layer selection by pattern."""
+
+import pytest
+import torch
+
+import i2am_fast
+from i2am_fast.maps import normalize_map, pixel_map, resize_map
+
+
+def test_pixel_map_thresholds_the_resized_normalised_map():
+    m = torch.tensor([[0.0, 0.2], [0.5, 1.0]])
+    up = pixel_map(m, (4, 4), threshold=0.4, mode="bilinear")
+    expected = resize_map(m, (4, 4), mode="bilinear")
+    expected = expected * (expected > 0.4)
+    assert torch.equal(up, expected)
+    assert (up[(up > 0)] > 0.4).all() and up.shape == (4, 4)
+
+
+def test_resize_clamps_bicubic_overshoot_and_keeps_same_size():
+    m = torch.zeros(6, 6)
+    m[2:4, 2:4] = 1.0
+    assert resize_map(m, (6, 6)) is m
+    big = resize_map(m, (24, 24))
+    assert big.min() >= 0
+    raw = torch.nn.functional.interpolate(m[None, None], size=(24, 24), mode="bicubic", align_corners=False)
+    assert raw.min() < 0  # the clamp matters here
+    assert torch.allclose(normalize_map(torch.tensor([[2.0, 4.0]])), torch.tensor([[0.0, 1.0]]), atol=1e-7)
+    with pytest.raises(ValueError, match="mode"):
+        resize_map(m, (3, 3), mode="nearest")
+
+
+@pytest.fixture(scope="module")
+def demo_run():
+    from i2am_fast.demo.model import build_demo_model
+    from i2am_fast.demo.sample import make_batch
+
+    model = build_demo_model(seed=1)
+    batch = make_batch([0], (64, 48))
+    return model, batch
+
+
+def _run(model, batch, **trace_kwargs):
+    with torch.no_grad(), i2am_fast.trace(model, **trace_kwargs) as tracer:
+        model(batch["person"], batch["inpaint_mask"], batch["pose"], batch["garment"], steps=2)
+    return tracer.maps()
+
+
+def test_layer_patterns_select_by_glob(demo_run):
+    model, batch = demo_run
+    all_layers = _run(model, batch).layer_names()
+    up = _run(model, batch, layers=["up_blocks.*"]).layer_names()
+    assert up == [n for n in all_layers if n.startswith("up_blocks.")] and 0 < len(up) < len(all_layers)
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        _run(model, batch, layers="nothing.matches.*")
+
+
+def test_pixel_readers_match_pixel_map(demo_run):
+    model, batch = demo_run
+    maps = _run(model, batch)
+    size = (64, 48)
+    assert torch.equal(maps.generated_pixels(size, head=1), pixel_map(maps.generated(head=1), size))
+    assert torch.equal(maps.reference_pixels((32, 32)), pixel_map(maps.reference(), (32, 32)))
