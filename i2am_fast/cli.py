@@ -6,6 +6,7 @@ Commands:
   run    the same for a local diffusers Paint-by-Example pipeline folder
   show   the pictures and report again from a saved maps.safetensors, no model needed
   evaluate  inpainting quality and IMACS of demo-model checkpoints, and their rank correlation
+  profile   per-layer memory of attribution (predicted, and measured with --measure)
 """
 
 from __future__ import annotations
@@ -286,6 +287,53 @@ def cmd_evaluate(args) -> None:
         print(f"written to {args.out}")
 
 
+# ---------------------------------------------------------------------------------- profile
+def cmd_profile(args) -> None:
+    import json
+    import subprocess
+
+    from .profile import CONDITIONINGS, SD15_UNET_CONFIG, cross_attention_layers, format_table, memory_rows
+
+    if args.pipeline:
+        path = os.path.join(args.pipeline, "unet", "config.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} does not exist; pass a diffusers pipeline folder with a unet/ subfolder.")
+        with open(path) as f:
+            config = json.load(f)
+        source = f"the UNet config of {args.pipeline}"
+    else:
+        config, source = dict(SD15_UNET_CONFIG), "Stable Diffusion 1.5's UNet config"
+    try:
+        layers = cross_attention_layers(config, args.height, args.width, args.conditioning, args.heads)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    rows = memory_rows(layers, batch=2, mapped=1, time_groups=args.time_groups, probes=args.probes)
+    print(format_table(rows, title=f"Attribution memory for {source} at {args.height}x{args.width}, "
+                                   f"{CONDITIONINGS[args.conditioning]}, guided batch of 2 with maps for 1, "
+                                   f"{args.time_groups} time groups, {args.probes} probes (float32)"))
+    print("S per call: one materialised score matrix for the batch (the authors' approach adds both softmaxes on top); "
+          "authors' stored maps: [heads, Nk, h, w] per time group; i2am_fast state: its float32 accumulators; "
+          "workspace: the CPU kernel's per-call scratch.")
+    if not args.measure:
+        return
+    _device(args.device)
+    measured = {}
+    for method in ("sdpa", "i2am_fast", "materialised"):
+        cmd = [sys.executable, "-m", "i2am_fast.profile", json.dumps(config), str(args.height), str(args.width),
+               args.conditioning, method, args.device, str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"{method:13s} did not complete: {last}")
+            continue
+        measured[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        m = measured[method]
+        base = measured.get("sdpa")
+        ratio = "" if base is None else f"  ({m['peak_bytes'] / base['peak_bytes']:.2f}x memory, {m['seconds'] / base['seconds']:.2f}x time of sdpa)"
+        kind = "peak allocated" if args.device == "cuda" else "peak resident"
+        print(f"{method:13s} {m['seconds']:8.2f} s/step  {kind} {m['peak_bytes'] / 1e6:10.1f} MB{ratio}", flush=True)
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -341,6 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the table here (markdown) and the numbers beside it (.json)")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    profile = sub.add_parser("profile", help="per-layer memory of attribution: the authors' approach vs i2am_fast",
+                             description="Prints, for each cross-attention layer of a UNet config (Stable Diffusion 1.5's "
+                                         "by default, or --pipeline's), the memory the materialising approach needs and "
+                                         "what i2am_fast needs, from the shapes alone. --measure also runs one guided step "
+                                         "three ways (SDPA, i2am_fast, materialised) with random weights and reports peaks.")
+    profile.add_argument("--height", type=int, default=1024, help="image height (default: 1024)")
+    profile.add_argument("--width", type=int, default=768, help="image width (default: 768)")
+    profile.add_argument("--conditioning", choices=("cls", "patch", "spatial"), default="spatial",
+                         help="reference tokens: cls = 1 token, patch = 257, spatial = as many as queries (default)")
+    profile.add_argument("--heads", type=int, default=None, help="override the number of heads")
+    profile.add_argument("--time-groups", type=int, default=5, help="time groups (default: 5)")
+    profile.add_argument("--probes", type=int, default=0, help="specific-reference probes (default: 0)")
+    profile.add_argument("--pipeline", default=None, help="a local diffusers pipeline folder whose unet/config.json to use")
+    profile.add_argument("--measure", action="store_true", help="also measure one guided step per approach (random weights)")
+    profile.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)")
+    profile.add_argument("--steps", type=int, default=1, help="steps to measure (default: 1)")
+    profile.set_defaults(func=cmd_profile)
+
     show = sub.add_parser("show", help="redraw the pictures and report from a saved maps.safetensors",
                           description="Reads maps written by demo/run (or AttributionMaps.save) and writes the pictures, "
                                       "IMACS (when the masks were saved with the maps) and report.html again.")
@@ -354,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "out", None) is None and args.command != "evaluate":
+    if getattr(args, "out", None) is None and args.command in ("demo", "run", "show"):
         args.out = f"i2am-fast-{args.command}"
-    for name in ("steps", "time_groups", "samples"):
+    for name in ("steps", "time_groups", "samples", "height", "width"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     with torch.no_grad():
