@@ -60,3 +60,28 @@ def test_pixel_readers_match_pixel_map(demo_run):
     size = (64, 48)
     assert torch.equal(maps.generated_pixels(size, head=1), pixel_map(maps.generated(head=1), size))
     assert torch.equal(maps.reference_pixels((32, 32)), pixel_map(maps.reference(), (32, 32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_unet_traces(dtype):
+    """A float16/bfloat16 UNet gives the same output traced (to a few ulps of its dtype) and
+    finite maps, accumulated in float32."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                                attention_head_dim=4, norm_num_groups=8).eval().to(dtype)
+    x = torch.randn(1, 4, 9, 7).to(dtype)
+    x = torch.cat([x, x])
+    context = torch.randn(2, 17, 24).to(dtype)
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=context).sample.float()
+        with i2am_fast.trace(unet, num_steps=1) as tracer:
+            traced = unet(x, 10, encoder_hidden_states=context).sample.float()
+    eps = torch.finfo(dtype).eps
+    assert (plain - traced).abs().max() <= 4 * eps * plain.abs().max()
+    maps = tracer.maps()
+    assert maps._generated[maps.layers[0].name].dtype == torch.float32
+    assert maps.generated().isfinite().all() and maps.reference().shape == (4, 4)
