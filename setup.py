@@ -73,6 +73,8 @@ setup(
     version="0.1.0",
     description="I²AM attribution maps for image-to-image latent diffusion, without materialising attention",
     packages=find_packages(include=["i2am_fast", "i2am_fast.*"]),
+    # The demo model's trained weights (i2am_fast/demo/train.py, 4000 steps; 6.3 MB).
+    package_data={"i2am_fast.demo": ["weights.safetensors"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "diffusers>=0.27", "numpy", "safetensors", "pillow"],
     ext_modules=[extension()],

@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_op.py [--rounds N] [--sizes 12288,3072]
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,19 +60,6 @@ def child(method: str, n: int) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb}))
 
 
-def machine_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -85,6 +71,8 @@ def main() -> None:
         return
 
     import torch
+
+    from i2am_fast.profile import describe_machine
 
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {n: {m: [] for m in METHODS} for n in sizes}
@@ -104,7 +92,7 @@ def main() -> None:
     lines = [
         "# CPU: one cross-attention call with maps",
         "",
-        f"Machine: {machine_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"Machine: {describe_machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         f"Batch {BATCH} (maps for entry {MAP_BATCH}), {HEADS} heads, head dim {HEAD_DIM}, float32, "

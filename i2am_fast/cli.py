@@ -83,7 +83,7 @@ def cmd_demo(args) -> None:
     from .report import write_outputs
 
     device = _device(args.device)
-    model = build_demo_model(seed=args.seed, weights=args.weights)
+    model = build_demo_model(seed=args.seed, weights=args.weights, pretrained=not args.untrained)
     factor = model.vae_scale_factor * 2 ** (len(model.config.block_out_channels) - 1)
     if args.height % model.vae_scale_factor or args.width % model.vae_scale_factor or args.height < factor or args.width < factor:
         raise SystemExit(f"error: --height and --width must be multiples of {model.vae_scale_factor} and at least {factor}.")
@@ -258,6 +258,7 @@ def cmd_evaluate(args) -> None:
     import json
 
     from .demo.evaluate import correlations, evaluate_checkpoint, results_table
+    from .profile import describe_machine
 
     paths = []
     for item in args.checkpoints:
@@ -281,7 +282,8 @@ def cmd_evaluate(args) -> None:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(table + f"\n{args.samples} held-out samples per checkpoint, {args.steps} guided DDIM steps (guidance {args.guidance}).\n")
+            f.write(table + f"\n{args.samples} held-out samples per checkpoint, {args.steps} guided DDIM steps "
+                    f"(guidance {args.guidance}); machine: {describe_machine()}, torch {torch.__version__}.\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(evaluation, f, indent=1)
         print(f"written to {args.out}")
@@ -360,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=96, help="image width (default: 96)")
     demo.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
     demo.add_argument("--sample", type=int, default=3, help="which procedural sample (default: 3)")
-    demo.add_argument("--weights", default=None, help="a demo-model checkpoint (.safetensors) instead of the default")
+    demo.add_argument("--weights", default=None, help="a demo-model checkpoint (.safetensors) instead of the shipped trained one")
+    demo.add_argument("--untrained", action="store_true", help="use seeded random weights instead of the trained ones")
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="the same for a local diffusers Paint-by-Example pipeline",

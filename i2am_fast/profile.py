@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SD15_UNET_CONFIG", "ProfileLayer", "cross_attention_layers", "memory_rows", "format_table", "measure_step"]
+__all__ = ["describe_machine", "SD15_UNET_CONFIG", "ProfileLayer", "cross_attention_layers", "memory_rows", "format_table", "measure_step"]
 
 # The public config of Stable Diffusion 1.5's UNet (the fields that shape its attention).
 SD15_UNET_CONFIG = {
@@ -45,6 +45,21 @@ SD15_UNET_CONFIG = {
 CONDITIONINGS = {"cls": "1 token (Paint-by-Example)", "patch": "257 patch tokens (CLS + 16x16)", "spatial": "spatial keys (Nk = Nq)"}
 VAE_FACTOR = 8
 F32 = 4
+
+
+def describe_machine(device: str = "cpu") -> str:
+    """The GPU's name, or the CPU model and core count, for benchmark tables."""
+    import platform
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 @dataclass(frozen=True)
@@ -188,8 +203,8 @@ def _spatial_key_hooks(unet, batch: int, dtype, device, generator):
 
 def measure_step(config: dict, height: int, width: int, conditioning: str, method: str, *,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int = 1, seed: int = 0) -> dict:
-    """Runs ``steps`` guided UNet calls (batch 2, maps for the conditional half) one way and
-    returns ``{"seconds": per step, "peak_bytes"}``: the process's peak RSS on CPU (run each
+    """Runs ``steps`` guided UNet calls (batch 2, maps for the conditional half) one way, after
+    one untimed warm-up call without attribution, and returns ``{"seconds": per step, "peak_bytes"}``: the process's peak RSS on CPU (run each
     method in a fresh process), ``torch.cuda.max_memory_allocated`` on CUDA."""
     from diffusers import UNet2DConditionModel
 
@@ -207,6 +222,8 @@ def measure_step(config: dict, height: int, width: int, conditioning: str, metho
     context = torch.randn(2, tokens, config["cross_attention_dim"], generator=generator).to(device, dtype)
     hooks = _spatial_key_hooks(unet, 2, dtype, device, generator) if conditioning == "spatial" else []
     store: dict = {}
+    with torch.no_grad():  # a first call outside the timing: thread pools, kernel caches
+        unet(sample, 999, encoder_hidden_states=context)
     if method == "materialised":
         unet.set_attn_processor({name: (_MaterialisingProcessor(store, name, [1]) if "attn2" in name else proc)
                                  for name, proc in unet.attn_processors.items()})

@@ -42,8 +42,8 @@ def test_training_is_deterministic_and_the_loss_falls(tmp_path):
     assert json.load(open(tmp_path / "a" / "train_log.json"))["checkpoints"] == [0, 60]
     # A checkpoint loads into the model; step 0 is the seeded initialisation.
     model = build_demo_model(weights=str(tmp_path / "a" / checkpoint_name(0)), config=TINY)
-    assert "trained weights" in model.weights_source
-    seeded = build_demo_model(seed=0, config=TINY)
+    assert model.weights_source == "weights from step_000000.safetensors"
+    seeded = build_demo_model(seed=0, config=TINY)  # other configs never take the shipped weights
     initial = load_file(str(tmp_path / "a" / checkpoint_name(0)))
     assert all(torch.equal(initial[k], v) for k, v in seeded.state_dict().items())
 
@@ -81,3 +81,16 @@ def test_evaluate_checkpoint_and_cli(tmp_path):
         "imacs_g~psnr", "imacs_g~ssim", "imacs_r~psnr", "imacs_r~ssim"}
     with pytest.raises(SystemExit, match="does not exist"):
         main(["evaluate", str(tmp_path / "missing")])
+
+
+def test_default_model_loads_the_shipped_trained_weights():
+    from i2am_fast.demo.model import WEIGHTS_FILE
+
+    assert os.path.getsize(WEIGHTS_FILE) <= 20 * 2**20
+    trained = build_demo_model()
+    assert "trained weights" in trained.weights_source
+    untrained = build_demo_model(pretrained=False)
+    assert "seeded" in untrained.weights_source
+    assert not torch.equal(trained.unet.conv_in.weight, untrained.unet.conv_in.weight)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_demo_model(weights="missing.safetensors")

@@ -13,7 +13,8 @@ Two simplifications keep it small enough to build and run on a laptop CPU:
   average-pooled by ``vae_scale_factor`` (3 colour channels plus 1 channel of local contrast),
   scaled to unit-ish variance; decoding upsamples the colour channels bilinearly.
 
-Weights are seeded (``torch.manual_seed``) unless a trained checkpoint is given.
+By default the model loads the trained weights shipped in ``weights.safetensors`` (written by
+``python -m i2am_fast.demo.train``); seeded random weights on request or for other configs.
 """
 
 from __future__ import annotations
@@ -163,19 +164,27 @@ class DemoInpaintingModel(nn.Module):
         return image * m + person * (1 - m)
 
 
-def build_demo_model(seed: int = 0, weights: Optional[str] = None, config: Optional[DemoConfig] = None) -> DemoInpaintingModel:
+def build_demo_model(seed: int = 0, weights: Optional[str] = None, config: Optional[DemoConfig] = None,
+                     pretrained: bool = True) -> DemoInpaintingModel:
     """The demo model: with ``weights`` (a safetensors file written by the training script) when
-    given, else the bundled trained weights when the package ships them, else seeded weights."""
+    given; else, with ``pretrained`` and the default config, the trained weights the package
+    ships; else seeded random weights (``torch.manual_seed(seed)`` before construction)."""
     from safetensors.torch import load_file
 
-    path = weights if weights is not None else (WEIGHTS_FILE if os.path.exists(WEIGHTS_FILE) else None)
+    config = config or DemoConfig()
+    path = weights
+    if path is None and pretrained and config == DemoConfig() and os.path.exists(WEIGHTS_FILE):
+        path = WEIGHTS_FILE
     torch.manual_seed(seed)
-    model = DemoInpaintingModel(config or DemoConfig()).eval()
+    model = DemoInpaintingModel(config).eval()
     model.weights_source = f"seeded random weights (seed {seed})"
     if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"weights file {path} does not exist.")
         state = load_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not fit the demo model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-        model.weights_source = f"trained weights from {os.path.basename(path)}"
+        model.weights_source = ("the trained weights shipped with i2am_fast (4000 training steps)" if path == WEIGHTS_FILE
+                                else f"weights from {os.path.basename(path)}")
     return model
