@@ -331,9 +331,13 @@ def cmd_profile(args) -> None:
         measured[method] = json.loads(out.stdout.strip().splitlines()[-1])
         m = measured[method]
         base = measured.get("sdpa")
-        ratio = "" if base is None else f"  ({m['peak_bytes'] / base['peak_bytes']:.2f}x memory, {m['seconds'] / base['seconds']:.2f}x time of sdpa)"
+        working = m["peak_bytes"] - m["base_bytes"]
+        ratio = "" if base is None else (f"  ({m['peak_bytes'] / base['peak_bytes']:.2f}x peak, "
+                                         f"{working / max(1, base['peak_bytes'] - base['base_bytes']):.2f}x above weights, "
+                                         f"{m['seconds'] / base['seconds']:.2f}x time of sdpa)")
         kind = "peak allocated" if args.device == "cuda" else "peak resident"
-        print(f"{method:13s} {m['seconds']:8.2f} s/step  {kind} {m['peak_bytes'] / 1e6:10.1f} MB{ratio}", flush=True)
+        print(f"{method:13s} {m['seconds']:8.2f} s/step  {kind} {m['peak_bytes'] / 1e6:10.1f} MB, "
+              f"{working / 1e6:10.1f} MB above the weights{ratio}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- parser

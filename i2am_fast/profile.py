@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["describe_machine", "SD15_UNET_CONFIG", "ProfileLayer", "cross_attention_layers", "memory_rows", "format_table", "measure_step"]
+__all__ = ["describe_machine", "SD15_UNET_CONFIG", "ProfileLayer", "cross_attention_layers", "memory_rows", "format_table",
+           "build_unet", "measure_step"]
 
 # The public config of Stable Diffusion 1.5's UNet (the fields that shape its attention).
 SD15_UNET_CONFIG = {
@@ -188,32 +189,49 @@ class _MaterialisingProcessor:
 
 
 def _spatial_key_hooks(unet, batch: int, dtype, device, generator):
-    """Pre-hooks that give every cross-attention layer keys at its own resolution (StableVITON)."""
+    """Pre-hooks that give every cross-attention layer keys at its own resolution (StableVITON).
+    On CUDA the keys are drawn on the GPU, so that drawing them does not dominate a step's time."""
+    if torch.device(device).type == "cuda":
+        generator = torch.Generator(device).manual_seed(int(generator.initial_seed()))
     handles = []
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             def hook(mod, args, kwargs, _dim=module.to_k.in_features):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 nq = hidden.shape[1]
-                kwargs["encoder_hidden_states"] = torch.randn(batch, nq, _dim, generator=generator).to(device, dtype)
+                kwargs["encoder_hidden_states"] = torch.randn(batch, nq, _dim, generator=generator,
+                                                              device=generator.device).to(device, dtype)
                 return args, kwargs
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
 
-def measure_step(config: dict, height: int, width: int, conditioning: str, method: str, *,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int = 1, seed: int = 0) -> dict:
-    """Runs ``steps`` guided UNet calls (batch 2, maps for the conditional half) one way, after
-    one untimed warm-up call without attribution, and returns ``{"seconds": per step, "peak_bytes"}``: the process's peak RSS on CPU (run each
-    method in a fresh process), ``torch.cuda.max_memory_allocated`` on CUDA."""
+def build_unet(config: dict, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ``UNet2DConditionModel`` from ``config`` with seeded random weights, in eval mode."""
     from diffusers import UNet2DConditionModel
 
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval()
+
+
+def measure_step(config: dict, height: int, width: int, conditioning: str, method: str, *,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int = 1, seed: int = 0,
+                 unet=None) -> dict:
+    """Runs ``steps`` guided UNet calls (batch 2, maps for the conditional half) one way, after
+    one untimed warm-up call without attribution, and returns ``{"seconds": per step,
+    "peak_bytes", "base_bytes"}``. ``peak_bytes`` is the process's peak RSS on CPU (run each
+    method in a fresh process) and ``torch.cuda.max_memory_allocated`` on CUDA; ``base_bytes`` is
+    the same quantity's current value once the model and inputs exist, before any call, so
+    ``peak_bytes - base_bytes`` is the step's working memory above the weights.
+
+    ``unet``: a model from :func:`build_unet` to reuse (CUDA, where the peak can be reset between
+    measurements); its attention processors are restored afterwards."""
     import i2am_fast
 
     if method not in ("sdpa", "i2am_fast", "materialised"):
         raise ValueError(f"method must be sdpa, i2am_fast or materialised, got {method!r}.")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval()
+    if unet is None:
+        unet = build_unet(config, device=device, dtype=dtype, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     h, w = height // VAE_FACTOR, width // VAE_FACTOR
     latents = torch.randn(1, config["in_channels"], h, w, generator=generator).to(device, dtype)
@@ -221,32 +239,50 @@ def measure_step(config: dict, height: int, width: int, conditioning: str, metho
     tokens = {"cls": 1, "patch": 257, "spatial": 1}[conditioning]
     context = torch.randn(2, tokens, config["cross_attention_dim"], generator=generator).to(device, dtype)
     hooks = _spatial_key_hooks(unet, 2, dtype, device, generator) if conditioning == "spatial" else []
+    original_processors = unet.attn_processors
     store: dict = {}
-    with torch.no_grad():  # a first call outside the timing: thread pools, kernel caches
-        unet(sample, 999, encoder_hidden_states=context)
-    if method == "materialised":
-        unet.set_attn_processor({name: (_MaterialisingProcessor(store, name, [1]) if "attn2" in name else proc)
-                                 for name, proc in unet.attn_processors.items()})
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with torch.no_grad():
-        if method == "i2am_fast":
-            with i2am_fast.trace(unet, num_steps=steps, cfg_layout="doubled") as tracer:
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated() if device == "cuda" else _resident_bytes()
+        with torch.no_grad():  # a first call outside the timing: thread pools, kernel caches
+            unet(sample, 999, encoder_hidden_states=context)
+        if method == "materialised":
+            unet.set_attn_processor({name: (_MaterialisingProcessor(store, name, [1]) if "attn2" in name else proc)
+                                     for name, proc in original_processors.items()})
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            if method == "i2am_fast":
+                with i2am_fast.trace(unet, num_steps=steps, cfg_layout="doubled") as tracer:
+                    for s in range(steps):
+                        unet(sample, 999 - s, encoder_hidden_states=context)
+                tracer.maps()
+            else:
                 for s in range(steps):
                     unet(sample, 999 - s, encoder_hidden_states=context)
-            tracer.maps()
-        else:
-            for s in range(steps):
-                unet(sample, 999 - s, encoder_hidden_states=context)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    for handle in hooks:
-        handle.remove()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_bytes": int(peak)}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    finally:
+        for handle in hooks:
+            handle.remove()
+        unet.set_attn_processor(original_processors)
+        store.clear()
+    return {"seconds": seconds, "peak_bytes": int(peak), "base_bytes": int(base)}
+
+
+def _resident_bytes() -> int:
+    """This process's current resident set size (Linux /proc; the peak from getrusage otherwise)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure_one_main(argv=None) -> None:

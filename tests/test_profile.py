@@ -1,5 +1,7 @@
 """The memory profiler's analytic figures against hand-computed ones (SPEC.md) and a real UNet."""
 
+import json
+
 import pytest
 import torch
 
@@ -81,4 +83,19 @@ def test_measure_step_runs_each_approach(method):
                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=16,
                   attention_head_dim=4, layers_per_block=1)
     result = measure_step(config, 64, 48, "spatial", method)
-    assert result["seconds"] > 0 and result["peak_bytes"] > 0
+    assert result["seconds"] > 0 and result["peak_bytes"] > result["base_bytes"] > 0
+
+
+def test_profile_measure_runs_three_approaches_on_a_pipeline_config(tmp_path, capsys):
+    """--measure on a local pipeline folder's UNet config: one fresh process per approach."""
+    config = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=16,
+                  attention_head_dim=4, layers_per_block=1)
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    assert main(["profile", "--pipeline", str(tmp_path), "--height", "64", "--width", "48", "--measure"]) in (None, 0)
+    out = capsys.readouterr().out
+    for method in ("sdpa", "i2am_fast", "materialised"):
+        line = next(l for l in out.splitlines() if l.startswith(method))
+        assert "s/step" in line and "MB above the weights" in line, line
+    assert "x above weights" in next(l for l in out.splitlines() if l.startswith("i2am_fast"))
