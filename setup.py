@@ -2,12 +2,12 @@
 
 The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) and their torch glue
 (csrc/cuda/*.cpp) need the installed torch to have CUDA and a CUDA toolkit (CUDA_HOME or nvcc on
-the PATH); whether a GPU is visible does not matter. For now they are opt-in: they compile for
-sm_80/86/89/90 in CI but have not yet been run on a GPU.
+the PATH); whether a GPU is visible does not matter. They are built whenever both are there.
 
 Environment:
   I2AM_FAST_CUDA=1   build the CUDA kernels (fail if torch has no CUDA or no toolkit is found)
-  I2AM_FAST_CUDA=0   (default for now) CPU kernels only
+  I2AM_FAST_CUDA=0   CPU kernels only, even where the CUDA build is possible
+  (unset)            the CUDA kernels when torch has CUDA and a toolkit is found
   TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "8.0;8.6;8.9;9.0" (default: those four)
   MAX_JOBS           parallel compile jobs (ninja)
 """
@@ -39,11 +39,10 @@ def want_cuda():
                 "Install a CUDA build of torch and a CUDA toolkit, or unset I2AM_FAST_CUDA."
             )
         return True
-    if choice in ("0", "false", "no", "off", ""):
-        # Opt-in until the CUDA kernels have been run against the float64 reference on a GPU
-        # (benchmarks/gpu_check.py): a CUDA torch gets the CPU kernels only, and CUDA tensors are
-        # refused with a clear error rather than sent to an unverified kernel.
+    if choice in ("0", "false", "no", "off"):
         return False
+    if choice:
+        raise RuntimeError(f"I2AM_FAST_CUDA must be 0 or 1 (or unset), got {choice!r}.")
     return available
 
 

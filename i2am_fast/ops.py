@@ -156,6 +156,17 @@ def _attention_with_maps_accumulate_fake(
     return q.new_empty((B, H, Nq, Dv))
 
 
+def _require_kernels_for(q: torch.Tensor, op: str) -> None:
+    """A clear error for CUDA inputs to a build without the CUDA kernels (instead of the
+    dispatcher's 'could not run ... with arguments from the CUDA backend')."""
+    if isinstance(q, torch.Tensor) and q.device.type == "cuda" and not _C.with_cuda:
+        raise RuntimeError(
+            f"{op}: q is on {q.device} but this i2am_fast was built without its CUDA kernels (its torch had no "
+            "CUDA, no CUDA toolkit was found, or I2AM_FAST_CUDA=0). Reinstall it with a CUDA torch and toolkit: "
+            "pip install --no-build-isolation --force-reinstall --no-deps . (see README, 'Installing')."
+        )
+
+
 def attention_with_maps(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,6 +203,7 @@ def attention_with_maps(
         ValueError: for inputs of the wrong rank, shape, dtype or device, out-of-range or
             repeated indices, or a non-finite scale; the message names the argument.
     """
+    _require_kernels_for(q, "attention_with_maps")
     out = torch.ops.i2am_fast.attention_with_maps(
         q, k, v, scale, query_weights, _probe_tensor(probe_index), _batch_index_list(map_batch)
     )
@@ -221,6 +233,7 @@ def attention_with_maps_accumulate(
     Returns:
         The attention output ``[B, H, Nq, Dv]`` in q's dtype.
     """
+    _require_kernels_for(q, "attention_with_maps_accumulate")
     return torch.ops.i2am_fast.attention_with_maps_accumulate(
         q,
         k,

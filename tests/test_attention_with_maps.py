@@ -795,3 +795,24 @@ def test_same_call_twice_is_bit_identical(device, dtype, rng):
     b = i2am_fast.attention_with_maps(q, k, v, **kw)
     for name, x, y in zip(a._fields, a, b):
         assert torch.equal(x, y), f"{name} differs between two identical calls"
+
+
+class _LooksLikeCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device, to reach the wrappers' build check without a GPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cuda_input_to_a_build_without_cuda_kernels_says_how_to_fix_it(monkeypatch, accumulate):
+    from i2am_fast import ops
+
+    monkeypatch.setattr(ops._C, "with_cuda", False)
+    q = torch.Tensor._make_subclass(_LooksLikeCuda, torch.zeros(1, 1, 4, 8))
+    with pytest.raises(RuntimeError, match="built without its CUDA kernels.*Reinstall"):
+        if accumulate:
+            i2am_fast.attention_with_maps_accumulate(q, q, q, torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
+        else:
+            i2am_fast.attention_with_maps(q, q, q)
