@@ -19,6 +19,7 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 for src in "${SOURCES[@]}"; do
   echo "compile_cuda: nvcc -c $src for sm_${ARCHS[*]}"
-  nvcc -c -std=c++17 -O3 -Icsrc "${GENCODE[@]}" "$src" -o "$OUT/$(basename "$src").o"
+  # --threads 0: one host thread per architecture (nvcc compiles the targets in parallel)
+  nvcc -c -std=c++17 -O3 --threads 0 -Icsrc "${GENCODE[@]}" "$src" -o "$OUT/$(basename "$src").o"
 done
 echo "compile_cuda: ${#SOURCES[@]} file(s) compiled for ${#ARCHS[@]} architectures"
