@@ -248,8 +248,9 @@ def main():
     lines = [f"# Guided SD 1.5 UNet step with attribution ({device})", "",
              f"Machine: {card}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {dtype}.", "",
-             "UNet from SD 1.5's config with random weights; batch [uncond, cond] with maps for cond (one time "
-             "group); one untimed warm-up step, then the timed steps. "
+             "UNet from SD 1.5's config with random weights; batch [uncond, cond] with maps for cond (the "
+             "materialising hook stores one time group; i2am_fast allocates its default 5, 26 MB at 1024x768 "
+             "with spatial keys); one untimed warm-up step, then the timed steps. "
              + ("Each measurement is a fresh process; " if device == "cpu" else "One process, peak reset per measurement; ")
              + f"figures are medians of {args.rounds} rounds (approaches alternating), range = min-max over rounds. "
              f"Peak = {peak}. Above weights = peak minus that figure once the model and inputs exist."
