@@ -99,3 +99,20 @@ def test_profile_measure_runs_three_approaches_on_a_pipeline_config(tmp_path, ca
         line = next(l for l in out.splitlines() if l.startswith(method))
         assert "s/step" in line and "MB above the weights" in line, line
     assert "x above weights" in next(l for l in out.splitlines() if l.startswith("i2am_fast"))
+
+
+def test_measure_step_reuses_a_built_unet_and_restores_its_processors():
+    """The CUDA benchmark's path (one model, several measurements), exercised on the CPU."""
+    from i2am_fast.profile import build_unet
+
+    config = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=16,
+                  attention_head_dim=4, layers_per_block=1)
+    unet = build_unet(config)
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    for method in ("materialised", "i2am_fast", "sdpa"):
+        result = measure_step(config, 64, 48, "spatial", method, unet=unet, steps=2)
+        # (on the CPU a reused process's peak RSS is the whole process's: only CUDA resets it)
+        assert result["seconds"] > 0 and result["peak_bytes"] > 0 and result["base_bytes"] > 0
+        assert {name: type(p) for name, p in unet.attn_processors.items()} == before, method
+    assert not any(m._forward_pre_hooks for m in unet.modules()), "spatial-key hooks left behind"
