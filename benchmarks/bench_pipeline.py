@@ -53,13 +53,10 @@ def predicted_materialised_bytes(height, width, conditioning) -> float:
 
 
 def measure_in_fresh_process(height, width, conditioning, method, steps, env=None) -> dict:
-    code = (
-        "import json, torch, sys; from i2am_fast.profile import measure_step; "
-        f"r = measure_step(json.loads(sys.argv[1]), {height}, {width}, {conditioning!r}, {method!r}, "
-        f"device='cpu', dtype=torch.float32, steps={steps}); print(json.dumps(r))"
-    )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(SD15_UNET_CONFIG)], capture_output=True, text=True,
-                         env=None if env is None else dict(os.environ, **env))
+    # The same one-measurement entry point as `i2am-fast profile --measure` (float32 on the CPU).
+    cmd = [sys.executable, "-m", "i2am_fast.profile", json.dumps(SD15_UNET_CONFIG), str(height), str(width),
+           conditioning, method, "cpu", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else dict(os.environ, **env))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

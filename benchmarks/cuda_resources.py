@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 # ---------------------------------------------------------------- configuration
 ARCHS = ["80", "86", "89", "90"]
 SOURCE = "csrc/cuda/attention_with_maps_kernels.cu"
-PADDED_WIDTHS = [32, 48, 64, 80, 128, 160, 256]  # kPaddedWidths in the .cu
 DTYPES = {"float": ("float32", 0), "__half": ("float16", 1), "__nv_bfloat16": ("bfloat16", 2)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "cuda-resources.md")
@@ -87,11 +86,13 @@ def parse_ptxas(log: str) -> list[dict]:
     return entries
 
 
-def launch_configs(obj: str, workdir: str) -> dict:
+def launch_configs(obj: str, workdir: str, widths: list[int]) -> dict:
+    """Query block and dynamic shared memory per (dtype code, padded width), from the object's
+    own host functions."""
     src = os.path.join(workdir, "configs.cpp")
     exe = os.path.join(workdir, "configs")
     with open(src, "w") as f:
-        f.write(HOST_PROGRAM % {"widths": ", ".join(map(str, PADDED_WIDTHS))})
+        f.write(HOST_PROGRAM % {"widths": ", ".join(map(str, widths))})
     subprocess.run(["nvcc", "-std=c++17", "-Icsrc", src, obj, "-o", exe], cwd=ROOT, check=True, capture_output=True)
     rows = json.loads(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
     return {(r["dtype"], r["width"]): r for r in rows}
@@ -109,8 +110,9 @@ def main():
             log, obj = compile_arch(arch, workdir)
             per_arch[arch] = {(e["kernel"], tuple(e["template"])): e for e in parse_ptxas(log)}
             print(f"sm_{arch}: {len(per_arch[arch])} kernels", flush=True)
-            if configs is None:
-                configs = launch_configs(obj, workdir)
+            if configs is None:  # the padded widths are the ones the kernels were instantiated for
+                widths = sorted({int(t[1]) for _, t in per_arch[arch] if len(t) > 1})
+                configs = launch_configs(obj, workdir, widths)
 
     static = sorted({e["static_smem"] for a in archs for e in per_arch[a].values()})
     static_text = "0 bytes for every kernel" if static == [0] else f"between {static[0]} and {static[-1]} bytes"
