@@ -3,7 +3,7 @@
 Compares, for one layer call with spatial reference keys (StableVITON-like: Nq = Nk):
   sdpa          torch.nn.functional.scaled_dot_product_attention, output only (no maps)
   materialised  the maps as the authors' hook computes them: full float32 S and both
-                softmaxes (i2am_fast.reference with compute_dtype=float32)
+                softmaxes (i2am_fast.ops.reference with compute_dtype=float32)
   i2am_fast     i2am_fast.attention_with_maps (output and maps, streamed)
 Each measurement runs in a fresh process (so peak RSS is that method's own), methods
 alternate within each round, and the table reports medians and ratios to sdpa of the same run.
@@ -37,7 +37,7 @@ def child(method: str, n: int) -> None:
     import torch
 
     import i2am_fast
-    from i2am_fast.reference import attention_with_maps_reference
+    from i2am_fast.ops.reference import attention_with_maps_reference
 
     def call(q, k, v):
         if method == "sdpa":

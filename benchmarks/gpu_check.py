@@ -143,7 +143,7 @@ def setup_imports():
     import torch.nn.functional as F
 
     import i2am_fast
-    from i2am_fast.reference import attention_with_maps_reference as reference_fn
+    from i2am_fast.ops.reference import attention_with_maps_reference as reference_fn
 
     DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import i2am_fast
-from i2am_fast.reference import attention_with_maps_reference
+from i2am_fast.ops.reference import attention_with_maps_reference
 
 OUT_DIR = "demo-out"
 GEN_H, GEN_W = 48, 64          # generated latent grid (queries)

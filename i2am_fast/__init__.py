@@ -7,12 +7,12 @@ materialising float64 definition it is tested against. ``trace`` puts the op int
 diffusers pipeline and returns every map of the paper as ``AttributionMaps``.
 """
 
-from . import reference
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
 from ._C import with_cuda as built_with_cuda
 from .maps import AttributionMaps, LayerInfo, imacs
-from .ops import attention_with_maps, attention_with_maps_accumulate
+from .ops import AttentionWithMaps, attention_with_maps, attention_with_maps_accumulate, reference
 from .tracer import Tracer, trace
-from .types import AttentionWithMaps
 
 __version__ = "0.1.0"
 

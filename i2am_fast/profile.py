@@ -171,7 +171,7 @@ class _MaterialisingProcessor:
         self.store, self.name, self.map_batch = store, name, map_batch
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        from .reference import attention_with_maps_reference
+        from .ops.reference import attention_with_maps_reference
 
         b, n, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states

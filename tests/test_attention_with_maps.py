@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import i2am_fast
-from i2am_fast.reference import attention_with_maps_reference
+from i2am_fast.ops.reference import attention_with_maps_reference
 
 # ----------------------------------------------------------------------------------------------
 # Parameter lists
@@ -807,9 +807,9 @@ class _LooksLikeCuda(torch.Tensor):
 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_cuda_input_to_a_build_without_cuda_kernels_says_how_to_fix_it(monkeypatch, accumulate):
-    from i2am_fast import ops
+    from i2am_fast.ops import wrappers
 
-    monkeypatch.setattr(ops._C, "with_cuda", False)
+    monkeypatch.setattr(wrappers._C, "with_cuda", False)
     q = torch.Tensor._make_subclass(_LooksLikeCuda, torch.zeros(1, 1, 4, 8))
     with pytest.raises(RuntimeError, match="built without its CUDA kernels.*Reinstall"):
         if accumulate:

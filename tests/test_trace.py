@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import i2am_fast
-from i2am_fast.reference import attention_with_maps_reference
+from i2am_fast.ops.reference import attention_with_maps_reference
 
 import systems
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.i2am_fast)
+from .. import _C  # noqa: F401  (registers torch.ops.i2am_fast)
 from .types import AttentionWithMaps
 
 __all__ = ["attention_with_maps", "attention_with_maps_accumulate", "AttentionWithMaps"]
