@@ -8,7 +8,7 @@ Nothing is downloaded: the pipelines are assembled from configs with seeded rand
 prompts are passed as ready embeddings (no tokenizer or text encoder), and image encoders
 (CLIP / SigLIP) are tiny ``transformers`` models built from configs.
 
-The systems (see ``docs/design.md`` and the shared-softmax section of the design notes):
+The systems (see ``docs/design.md``, reference tokens inside one softmax):
 
 1. ``flux_kontext()``: ``FluxKontextPipeline``; joint attention over
    ``[text | target | reference]``; the reference image is resized to a preferred Kontext
