@@ -26,7 +26,8 @@ Recording clones tensors and calls SDPA with the very same arguments, so the run
 unchanged bit for bit (``test_pipeline_systems_unet.py`` asserts it).
 
 Also here: :func:`float64_maps`, the I²AM definitions (``docs/design.md``) evaluated in float64 on
-one recorded call with optional generated-query / reference-key subsets, and
+one recorded call with optional generated-query / reference-key subsets and masked keys;
+:func:`accumulate_maps`, their sums per time group over a run; and
 :func:`attention_swap_deviation`, the tolerance scale for "the traced output equals the untraced
 one to float32 rounding".
 """
@@ -51,6 +52,7 @@ __all__ = [
     "capture",
     "default_attention_modules",
     "float64_maps",
+    "accumulate_maps",
     "attention_swap_deviation",
     "output_tolerance",
 ]
@@ -463,6 +465,34 @@ def float64_maps(
     probe_maps = p[:, :, probe_index][:, :, :, ki] * mk[:, None, None, :] if len(probe_index) else \
         torch.zeros(len(batch), H, 0, len(ki), dtype=torch.float64)
     return {"output": output, "generated": generated, "reference": reference, "share": share, "probes": probe_maps}
+
+
+def accumulate_maps(cap: Capture, module: str, part: int = 0, *, batch: Optional[Sequence[int]] = None,
+                    time_groups: int = 5, num_steps: Optional[int] = None, **selection) -> dict[str, torch.Tensor]:
+    """:func:`float64_maps` of every recorded call of (``module``, ``part``), summed per time group.
+
+    Step ``s`` of ``T = num_steps`` (default: the capture's step count) goes to group
+    ``floor(s * time_groups / T)``. ``batch`` and ``selection`` (queries, keys, key_mask,
+    query_weights, probes) are passed to :func:`float64_maps` for every call. Returns
+    ``generated`` / ``reference`` / ``share`` ``[G, Bm, H, N]`` and ``probes`` ``[G, Bm, H, P, Nkm]``.
+    """
+    T = num_steps if num_steps is not None else cap.num_steps
+    calls = cap.for_module(module, part)
+    if not calls:
+        raise ValueError(f"no recorded call of {module!r} part {part}")
+    out: dict[str, torch.Tensor] = {}
+    for c in calls:
+        d = cap.denoiser_call_of(c)
+        if d is None:
+            raise ValueError(f"call {c.index} of {module!r} ran outside a denoiser call")
+        tau = d.step * time_groups // T
+        maps = float64_maps(c, batch=batch, **selection)
+        for kind in ("generated", "reference", "share", "probes"):
+            x = maps[kind]
+            if kind not in out:
+                out[kind] = torch.zeros((time_groups,) + tuple(x.shape), dtype=torch.float64)
+            out[kind][tau] += x
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

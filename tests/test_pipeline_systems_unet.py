@@ -27,7 +27,9 @@ import torch
 
 import pipeline_capture as capture_mod
 import pipeline_systems_unet as systems_unet
-from pipeline_capture import AttentionCall, attention_swap_deviation, capture, float64_maps, output_tolerance
+from pipeline_capture import (
+    AttentionCall, accumulate_maps, attention_swap_deviation, capture, float64_maps, output_tolerance,
+)
 
 NAMES = list(systems_unet.BUILDERS)
 
@@ -331,6 +333,24 @@ def test_float64_maps_match_the_definitions(rng):
     torch.testing.assert_close(full["reference"], s.softmax(-1).mean(-2))
     torch.testing.assert_close(full["generated"], s.softmax(-2).mean(-1))
     torch.testing.assert_close(full["share"], torch.ones(B, H, Nq, dtype=torch.float64))
+
+
+def test_accumulate_maps_groups_steps():
+    system, _, _, cap = captured("svd")  # 2 steps, frames in the batch
+    site = system.mapped_sites()[0]
+    cond = system.batch.spatial_entries("cond")
+    per_step = accumulate_maps(cap, site.module, site.part, batch=cond, time_groups=system.num_steps)
+    one = accumulate_maps(cap, site.module, site.part, batch=cond, time_groups=1)
+    calls = cap.for_module(site.module, site.part)
+    assert len(calls) == system.num_steps
+    for kind in ("generated", "reference", "share"):
+        torch.testing.assert_close(per_step[kind].sum(0), one[kind][0], rtol=1e-12, atol=0)
+        for c in calls:  # each step's group holds exactly that step's call
+            step = cap.denoiser_call_of(c).step
+            torch.testing.assert_close(per_step[kind][step], float64_maps(c, batch=cond)[kind], rtol=0, atol=0)
+    assert per_step["generated"].shape[1] == len(cond) == system.batch.frames
+    with pytest.raises(ValueError, match="no recorded call"):
+        accumulate_maps(cap, "not.a.module")
 
 
 # ----------------------------------------------------------------------------------------------
