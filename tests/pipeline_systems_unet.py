@@ -155,7 +155,9 @@ class PipelineSystem:
     sites: list[Site]
     call: str  # how the pipeline calls the denoiser (argument names, positions)
     notes: str = ""
-    default_kwargs: dict = dataclasses.field(default_factory=dict)  # what run() passes to the pipeline
+    # the pipeline defaults that shape the batch; run() leaves them as they are (it passes only sizes,
+    # step counts, inputs, generator and output_type)
+    pipeline_defaults: dict = dataclasses.field(default_factory=dict)
 
     def site(self, module: str, part: int = 0) -> Site:
         for s in self.sites:
@@ -495,7 +497,7 @@ def paint_by_example(num_steps: int = 3, seed: int = 0) -> PipelineSystem:
         sites=_unet2d_sites(unet, cross),
         call="unet(latent_model_input, t, encoder_hidden_states=image_embeddings).sample; "
              "latent_model_input = cat([cat([latents]*2) scaled, masked_image_latents, mask], dim=1)",
-        default_kwargs={"guidance_scale": 5.0},
+        pipeline_defaults={"guidance_scale": 5.0},
     )
 
 
@@ -537,7 +539,7 @@ def image_variation(num_steps: int = 3, seed: int = 0) -> PipelineSystem:
                           "cond = CLIP image_embeds; sample halves identical"),
         sites=_unet2d_sites(unet, cross),
         call="unet(latent_model_input, t, encoder_hidden_states=image_embeddings).sample",
-        default_kwargs={"guidance_scale": 7.5},
+        pipeline_defaults={"guidance_scale": 7.5},
     )
 
 
@@ -627,7 +629,7 @@ def _sd_pipeline_with_ip(name: str, kinds: list[str], num_steps: int, seed: int,
         sites=_unet2d_sites(unet, _ip_adapter_cross(sources)), call=call,
         notes="IP-Adapter loaded with pipe.load_ip_adapter(state_dict); unet.encoder_hid_proj = "
               "MultiIPAdapterImageProjection; every attn2 -> IPAdapterAttnProcessor2_0 (text part 0, adapter j part 1+j)",
-        default_kwargs={"guidance_scale": 7.5},
+        pipeline_defaults={"guidance_scale": 7.5},
     )
 
 
@@ -702,7 +704,7 @@ def sdxl_ip_adapter(num_steps: int = 3, seed: int = 0) -> PipelineSystem:
         call="unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=None, "
              "cross_attention_kwargs=None, added_cond_kwargs={'text_embeds', 'time_ids', 'image_embeds'}).sample; "
              "t is a float timestep of EulerDiscreteScheduler",
-        default_kwargs={"guidance_scale": 5.0},
+        pipeline_defaults={"guidance_scale": 5.0},
     )
 
 
@@ -773,7 +775,7 @@ def svd(num_steps: int = 2, num_frames: int = 3, seed: int = 0) -> PipelineSyste
         call="unet(latent_model_input [2B, F, 8, h, w], t (float 0-dim tensor, 0.25*log(sigma)), "
              "encoder_hidden_states=image_embeddings [2B, 1, C], added_time_ids=[2B, 3], return_dict=False)[0]",
         notes="inside the UNet: sample.flatten(0, 1) -> [2B*F, ...]; encoder_hidden_states.repeat_interleave(F)",
-        default_kwargs={"min_guidance_scale": 1.0, "max_guidance_scale": 3.0},
+        pipeline_defaults={"min_guidance_scale": 1.0, "max_guidance_scale": 3.0},
     )
 
 
@@ -852,7 +854,7 @@ def i2vgen_xl(num_steps: int = 2, num_frames: int = 3, seed: int = 0) -> Pipelin
              "return_dict=False)[0]",
         notes="inside the UNet: sample.permute(0, 2, 1, 3, 4).reshape(2B*F, ...); context_emb "
               "[2B, text + 64 + 4, C].repeat_interleave(F)",
-        default_kwargs={"guidance_scale": 9.0},
+        pipeline_defaults={"guidance_scale": 9.0},
     )
 
 
@@ -917,7 +919,7 @@ def kandinsky22(num_steps: int = 3, seed: int = 0) -> PipelineSystem:
         sites=sites,
         call="unet(sample=latent_model_input, timestep=t, encoder_hidden_states=None, "
              "added_cond_kwargs={'image_embeds': [2B, C]}, return_dict=False)[0] (all keyword)",
-        default_kwargs={"guidance_scale": 4.0},
+        pipeline_defaults={"guidance_scale": 4.0},
     )
 
 

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -183,6 +184,16 @@ def test_denoiser_calls_follow_the_guidance_layout(name):
         assert sample.shape[0] == system.batch.videos
         half = sample.shape[0] // 2
         assert torch.equal(sample[:half], sample[half:]) == system.batch.sample_halves_identical
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pipeline_defaults_are_the_pipelines_own(name):
+    """run() relies on these defaults (guidance on, doubled batch); they are read from the signature."""
+    system = built(name)
+    params = inspect.signature(type(system.pipe).__call__).parameters
+    assert system.pipeline_defaults
+    for key, value in system.pipeline_defaults.items():
+        assert params[key].default == value, key
 
 
 def _reference_keys(system, call: AttentionCall, b: int) -> torch.Tensor:
