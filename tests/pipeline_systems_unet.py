@@ -71,7 +71,8 @@ class Site:
     layer's own tokens in one softmax: Kandinsky's added KV), ``"self"``, ``"temporal"``
     (queries are frames: excluded by default), ``"projection"`` (attention inside an
     image-projection module, e.g. the IP-Adapter Plus resampler: not the denoiser's own).
-    ``queries``: ``"latent"`` (a ceil-halving of the latent grid, row-major) or ``"frames"``.
+    ``queries``: ``"latent"`` (a ceil-halving of the latent grid, row-major), ``"frames"`` or
+    ``"learned"`` (a resampler's learned latents).
     ``mapped``: the default trace must map this site (it reads a reference source).
     """
 
@@ -333,6 +334,11 @@ def _self(nq: int, nk: int) -> tuple[Tokens, ...]:
     return (Tokens("self", 0, nk),)
 
 
+def _resampler(nq: int, nk: int) -> tuple[Tokens, ...]:
+    """IP-Adapter Plus resampler attention: keys = [CLIP features ; the learned latents]."""
+    return (Tokens("image_features", 0, nk - nq), Tokens("latents", nk - nq, nq))
+
+
 def _all_reference(name: str, grid: Optional[tuple[int, int]] = None):
     def layout(nq: int, nk: int) -> tuple[Tokens, ...]:
         return (Tokens(name, 0, nk, grid, reference=True),)
@@ -350,7 +356,7 @@ def _unet2d_sites(unet: nn.Module, cross: Callable[[str, Attention], list[Site]]
         proc = _processor_name(m)
         if name.startswith("encoder_hid_proj."):
             # the resampler's attention: queries = 16 learned latents, keys = [image feats ; latents]
-            sites.append(Site(name, 0, proc, "projection", "learned", False, _self))
+            sites.append(Site(name, 0, proc, "projection", "learned", False, _resampler))
         elif name.endswith("attn1"):
             sites.append(Site(name, 0, proc, "self", "latent", False, _self))
         else:
