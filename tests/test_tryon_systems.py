@@ -11,12 +11,16 @@
 * the guidance halves differ where the system says they do (CatVTON's sample halves; IDM's
   appended garment keys are exactly zero in the unconditional half);
 * ldm facts the adapter relies on: MemoryEfficientCrossAttention without xformers fails with a
-  NameError, its scale is dim_head ** -0.5; the ldm DDIM schedule's length.
+  NameError, its scale is dim_head ** -0.5; the ldm DDIM schedule's length;
+* the look-alikes of ``tryon_lookalikes.py``: the faithful one and ldm's classes match the standard
+  computation from to_q/to_k/to_v/to_out/heads, the unreproducible ones do not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -28,6 +32,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.cuda.amp.autocast:FutureWarning"),
 ]
 
+import tryon_lookalikes
 import tryon_systems
 from tryon_capture import capture
 
@@ -194,3 +199,34 @@ def test_ldm_ddim_schedule_length_is_not_always_num_steps():
     assert tryon_systems.dci_like(num_steps=6).timesteps == expected
     with pytest.raises(IndexError):
         tryon_systems.dci_like(num_steps=3)
+
+
+@pytest.mark.parametrize("kind", ["faithful", *tryon_lookalikes.UNREPRODUCIBLE])
+def test_lookalikes(kind):
+    """The faithful look-alike (and ldm's own classes) match the standard computation from
+    to_q/to_k/to_v/to_out/heads; each unreproducible one does not, though it has the same
+    attributes."""
+    if kind == "overridden_ldm_forward" and not HAVE_LDM:
+        pytest.skip("needs ldm")
+    torch.manual_seed(0)
+    cls = tryon_lookalikes.FaithfulLookAlike if kind == "faithful" else tryon_lookalikes.UNREPRODUCIBLE[kind]
+    module = cls(16, context_dim=12, heads=2, dim_head=8).eval()
+    for attr in ("to_q", "to_k", "to_v", "to_out", "heads"):
+        assert hasattr(module, attr)
+    x, ctx = torch.randn(2, 7, 16), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        close = torch.allclose(module(x, ctx).double(), tryon_lookalikes.standard_forward(module, x, ctx), rtol=1e-4, atol=1e-5)
+    assert close == (kind == "faithful")
+
+
+@needs_ldm
+def test_ldm_classes_match_the_standard_computation():
+    import ldm.modules.attention as attention
+
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 7, 16), torch.randn(2, 5, 12)
+    for cls in (attention.CrossAttention, attention.MemoryEfficientCrossAttention):
+        with contextlib.redirect_stdout(io.StringIO()), tryon_systems.xformers_stand_in(), torch.no_grad():
+            module = cls(16, context_dim=12, heads=2, dim_head=8).eval()
+            got = module(x, ctx).double()
+        torch.testing.assert_close(got, tryon_lookalikes.standard_forward(module, x, ctx), rtol=1e-4, atol=1e-5)
