@@ -117,12 +117,19 @@ class TryOnSystem:
     timesteps: list[int]  # the timestep of each step, in calling order
     schedule: str  # where ``timesteps`` comes from (sampler attribute names)
     n_images: int
-    cfg: str  # "doubled": batch [uncond x n, cond x n]
+    cfg: str  # "doubled": batch [uncond x n, cond x n]; "separate_cond_first": two calls, conditional first
     halves: str  # what differs between the guidance halves
     layers: dict[str, TracedLayer]
     sampler: Any = None  # ldm DDIMSampler or diffusers scheduler (after a run: its schedule is set)
     auxiliary: dict[str, nn.Module] = dataclasses.field(default_factory=dict)  # other modules called per step
     notes: str = ""
+    # (step, "both" | "cond" | "uncond") of each denoiser call of one run, in order; default: one
+    # doubled call per step
+    expected_calls: Optional[list[tuple[int, str]]] = None
+
+    def __post_init__(self):
+        if self.expected_calls is None:
+            self.expected_calls = [(s, "both") for s in range(self.num_steps)]
 
     def step_of(self, timestep) -> int:
         """Step index of a denoiser call's timestep (0-d or 1-D tensor, or a number)."""
@@ -130,7 +137,7 @@ class TryOnSystem:
         return [float(x) for x in self.timesteps].index(t)
 
     def cond_entries(self) -> list[int]:
-        """Batch entries of a denoiser call that are the conditional half."""
+        """Batch entries of a (conditional) denoiser call that are the conditional half."""
         return list(range(self.n_images, 2 * self.n_images)) if self.cfg == "doubled" else list(range(self.n_images))
 
 

@@ -322,15 +322,58 @@ class StableVitonLDM(TinyLatentDiffusion):
         return self.call_unet(x, t, context, control=control)
 
 
+def plms_cond_first(model, sampler, num_steps, x_T, cond, uncond, guidance_scale):
+    """The calling pattern of StableVITON's released inference sampler (PLMS): guidance as two
+    ``apply_model`` calls per model evaluation, the conditional one first; the first step
+    evaluates the model twice, at its timestep and at the next one (pseudo improved Euler), then
+    linear multistep with the stored noise predictions. Uses the DDIM sampler's alphas."""
+    with quiet():
+        sampler.make_schedule(ddim_num_steps=num_steps, ddim_eta=0.0, verbose=False)
+    times = [int(t) for t in sampler.ddim_timesteps[::-1]]
+    alphas = [float(a) for a in sampler.ddim_alphas]
+    alphas_prev = [float(a) for a in sampler.ddim_alphas_prev]
+    b, total, x, old = x_T.shape[0], len(times), x_T, []
+
+    def eps(x, t):
+        ts = torch.full((b,), t, dtype=torch.long)
+        e_cond = model.apply_model(x, ts, cond)
+        e_uncond = model.apply_model(x, ts, uncond)
+        return e_uncond + guidance_scale * (e_cond - e_uncond)
+
+    def ddim_step(x, e, index):
+        a, a_prev = alphas[index], alphas_prev[index]
+        x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * e
+
+    for i, t in enumerate(times):
+        index = total - i - 1
+        e = eps(x, t)
+        if not old:
+            e_prime = (e + eps(ddim_step(x, e, index), times[min(i + 1, total - 1)])) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = ddim_step(x, e_prime, index)
+        old = (old + [e])[-3:]
+    return x
+
+
 def stableviton_like(
     latent_grid=(8, 12), num_steps: int = 2, num_images: int = 1, attention: str = "xformers",
-    call_style: str = "ldm_keywords", guidance_scale: float = 5.0, seed: int = 0,
+    call_style: str = "ldm_keywords", sampler: str = "ddim", guidance_scale: float = 5.0, seed: int = 0,
 ) -> TryOnSystem:
     """StableVITON at small scale (3 levels, 32/64/64 channels, 2 heads; latent 8x12 -> 4x6 ->
     2x3). ``attention="xformers"`` (default; StableVITON's own ldm passes ``hint=`` to ``attn1``,
     which only MemoryEfficientCrossAttention accepts, so its released code runs with xformers)
     or ``"softmax"`` (CrossAttention). ``call_style``: "ldm_keywords" (as ControlLDM calls it) or
-    "ldm_positional"."""
+    "ldm_positional". ``sampler``: "ddim" (ldm's DDIMSampler, guidance as one doubled batch) or
+    "plms" (the released inference script's pattern: ``plms_cond_first``)."""
+    if sampler not in ("ddim", "plms"):
+        raise ValueError(f"sampler must be 'ddim' or 'plms', got {sampler!r}")
+    kind = sampler
     ClothEncoder, WarpingUNet = _stableviton_classes()
     context_dim, hint_channels = 16, 4
     channel_mult = (1, 2, 2)
@@ -360,6 +403,8 @@ def stableviton_like(
         cond = {"c_crossattn": [clip_token], "c_concat": [cloth], "first_stage_cond": first}
         uncond = {"c_crossattn": [model.learnable_vector.repeat(n, 1, 1)], "c_concat": [cloth], "first_stage_cond": first}
         with seeded(seed), quiet(), (xformers_stand_in() if attention == "xformers" else contextlib.nullcontext()):
+            if kind == "plms":
+                return plms_cond_first(model, sampler, num_steps, x_T, cond, uncond, guidance_scale).float()
             samples, _ = sampler.sample(
                 num_steps, n, (4, h, w), cond, x_T=x_T, verbose=False, eta=0.0,
                 unconditional_guidance_scale=guidance_scale, unconditional_conditioning=uncond,
@@ -378,8 +423,14 @@ def stableviton_like(
             return "clip-token", TokenLayout("cross", "clip", nq, 1, Tokens.block(grid), Tokens.block((1, 1)))
         return None  # attn1: self-attention
 
+    if kind == "plms":  # step 0 also evaluates at step 1's timestep
+        pairs = [0, 1] + list(range(1, len(timesteps)))
+        expected = [(s, half) for s in pairs for half in ("cond", "uncond")]
+    else:
+        expected = None
     return TryOnSystem(
-        name=f"stableviton_{attention}_{call_style}",
+        name=f"stableviton_{attention}_{call_style}_{kind}",
+        expected_calls=expected,
         target=model,
         denoiser=unet,
         denoiser_call=call_style,
@@ -390,7 +441,7 @@ def stableviton_like(
         schedule="ldm DDIMSampler: ddim_timesteps (ascending numpy array, +1 offset) visited as np.flip(ddim_timesteps); "
         "the UNet gets a 1-D long tensor torch.full((batch,), t)",
         n_images=n,
-        cfg="doubled",
+        cfg="doubled" if kind == "ddim" else "separate_cond_first",
         halves="context only: c_crossattn = learnable vector (uncond) vs CLIP token (cond); x, cloth hint and "
         "first-stage condition identical",
         layers=_ldm_layers(unet, latent_grid, layouts),
@@ -485,6 +536,7 @@ def dci_like(
 BUILDERS = {
     "stableviton": stableviton_like,
     "stableviton_softmax_positional": lambda: stableviton_like(attention="softmax", call_style="ldm_positional"),
+    "stableviton_plms": lambda: stableviton_like(sampler="plms"),
     "dci": dci_like,
     "dci_xformers_positional": lambda: dci_like(attention="xformers", call_style="ldm_positional"),
     "idm_block": idm_like,
