@@ -38,6 +38,7 @@ class DenoiserCall:
     batch: int
     step: int  # position of the timestep in the system's schedule
     halves_identical: Optional[bool]  # for an even batch: are sample[:B/2] and sample[B/2:] equal?
+    noisy_halves_identical: Optional[bool]  # the same for the first 4 channels (the noisy latent) only
 
 
 @dataclasses.dataclass
@@ -97,7 +98,8 @@ def capture(system: TryOnSystem, layers: Optional[list[str]] = None):
         index = len(cap.calls)
         b = sample.shape[0]
         same = bool(torch.equal(sample[: b // 2], sample[b // 2 :])) if b % 2 == 0 else None
-        cap.calls.append(DenoiserCall(index, t, b, system.step_of(t[0]), same))
+        noisy = bool(torch.equal(sample[: b // 2, :4], sample[b // 2 :, :4])) if b % 2 == 0 else None
+        cap.calls.append(DenoiserCall(index, t, b, system.step_of(t[0]), same, noisy))
         state["call"] = index
 
     def after_denoiser(module, args, kwargs, output):

@@ -246,6 +246,18 @@ class ReturnInputProcessor:
         return hidden_states
 
 
+class OwnAttnProcessor2_0(nn.Module):
+    """CatVTON ships its own ``AttnProcessor2_0`` (an ``nn.Module``, not diffusers' class) for every
+    self-attention; same computation as diffusers' processor, which this one delegates to."""
+
+    def __init__(self, hidden_size=None, cross_attention_dim=None, **kwargs):
+        super().__init__()
+        self._impl = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        return self._impl(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
 class CatVtonPipeline:
     """CatVTON's loop at small scale: person and garment latents concatenated along height
     (``stacking="height"``, the published code) or width; UNet input channels ``[noisy (4), mask
@@ -305,18 +317,23 @@ def catvton_layout(total: tuple[int, int], stacking: str, name: str) -> TokenLay
 
 def catvton_like(
     latent_grid: Optional[tuple[int, int]] = None, stacking: str = "height", num_steps: int = 3, num_images: int = 1,
-    seed: int = 0,
+    self_attention_processor: str = "diffusers", seed: int = 0,
 ) -> TryOnSystem:
     """A 9-channel inpainting UNet, cross-attention removed, person and garment stacked by height
     (default latent per half 8x5: total 16x5 -> 8x3 -> 4x2) or width (5x8: total 5x16 -> 3x8 ->
-    2x4); the stacked side must stay even at every level."""
+    2x4); the stacked side must stay even at every level. ``self_attention_processor``:
+    "diffusers" (diffusers' AttnProcessor2_0) or "own" (``OwnAttnProcessor2_0``, a separate class
+    with the same computation, as CatVTON's released code sets it)."""
     if stacking not in ("height", "width"):
         raise ValueError(f"stacking must be 'height' or 'width', got {stacking!r}")
+    if self_attention_processor not in ("diffusers", "own"):
+        raise ValueError(f"self_attention_processor must be 'diffusers' or 'own', got {self_attention_processor!r}")
+    self_cls = AttnProcessor2_0 if self_attention_processor == "diffusers" else OwnAttnProcessor2_0
     latent_grid = tuple(latent_grid or ((8, 5) if stacking == "height" else (5, 8)))
     with seeded(seed):
         unet = tiny_unet(in_channels=9, cross_attention_dim=8)
     unet.set_attn_processor(
-        {name: ReturnInputProcessor() if name.endswith("attn2.processor") else AttnProcessor2_0() for name in unet.attn_processors}
+        {name: ReturnInputProcessor() if name.endswith("attn2.processor") else self_cls() for name in unet.attn_processors}
     )
     scheduler = ddim_scheduler()
     scheduler.set_timesteps(num_steps)
@@ -329,7 +346,7 @@ def catvton_like(
         layout = catvton_layout(halve(total, unet_level(unet, key)), stacking, name)
         layers[name] = TracedLayer(name, block.attn1, "diffusers", "concatenated", layout)
     return TryOnSystem(
-        name=f"catvton_{stacking}",
+        name=f"catvton_{stacking}" + ("_own_processor" if self_attention_processor == "own" else ""),
         target=pipe,
         denoiser=unet,
         denoiser_call="diffusers",

@@ -1,6 +1,6 @@
 """Tiny random-weight try-on systems wired the way their authors publish them.
 
-Nothing is downloaded; every weight is seeded. Four families:
+Nothing is downloaded; every weight is seeded. Four families (ten variants in ``BUILDERS``):
 
 1. ``stableviton_like()``: CompVis ``ldm`` code. A ``UNetModel`` subclass whose decoder blocks
    (all but the lowest level's) are preceded by a "warping" ``SpatialTransformer`` whose
@@ -9,7 +9,10 @@ Nothing is downloaded; every weight is seeded. Four families:
    encoder half with the cloth latent added after its first block. The UNet's own
    ``SpatialTransformer`` blocks cross-attend to one CLIP-image token. Sampled with ``ldm``'s
    own ``DDIMSampler``; guidance as one doubled batch ``[uncond, cond]`` whose halves differ only
-   in that token (a learned vector); the cloth features are the same in both halves.
+   in that token (a learned vector); the cloth latent is the same in both halves (the cloth
+   features are not: the encoder cross-attends to the token too). ``sampler="plms"`` follows the
+   released inference script instead: PLMS, two calls per model evaluation with the conditional
+   one first, and two evaluations in the first step.
 2. ``dci_like()``: ``ldm`` ``UNetModel`` with 9 input channels (noisy, masked-person latent,
    mask) cross-attending to one CLIP-image token (Paint-by-Example style), ``DDIMSampler``,
    unconditional token = a learned vector.
@@ -30,7 +33,8 @@ how it is called, ``run(seed)``, the step schedule, the guidance batching, and f
 layer a tracer should map, its ``TokenLayout`` (which queries are generated tokens on which grid,
 which keys are reference tokens on which grid). ``python tests/tryon_systems.py`` is a smoke run.
 
-``ldm`` comes from the ``stable-diffusion-sdkit`` package (tests only, see requirements-dev.txt).
+``ldm`` comes from the ``stable-diffusion-sdkit`` package, installed without its dependencies
+(tests only: ``pip install --no-deps -r requirements-ldm.txt``; see requirements-dev.txt).
 Its ``MemoryEfficientCrossAttention`` calls ``xformers.ops.memory_efficient_attention``, which is
 not installed; ``attention="xformers"`` builds with that class and runs it through
 ``xformers_stand_in()``, a scaled-dot-product stand-in for that one function.
@@ -543,6 +547,7 @@ BUILDERS = {
     "idm_processor": lambda: idm_like(appending="processor"),
     "catvton_height": catvton_like,
     "catvton_width": lambda: catvton_like(stacking="width"),
+    "catvton_height_own_processor": lambda: catvton_like(self_attention_processor="own"),
 }
 
 
