@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. Override with TORCH_SPEC=... (or install your own torch first).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.i2am_fast-installed
-SOURCES := setup.py pyproject.toml requirements.txt requirements-dev.txt \
+SOURCES := setup.py pyproject.toml requirements.txt requirements-dev.txt requirements-ldm.txt \
 	$(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh)
 
 .PHONY: setup demo test bench clean
@@ -23,6 +23,8 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -r requirements-dev.txt
+	# The CompVis ldm modules for the try-on tests, without their own dependencies (see the file).
+	$(PY) -m pip install --no-deps -r requirements-ldm.txt
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install --no-build-isolation -e .
 	touch $(STAMP)
 
