@@ -1,4 +1,4 @@
-// CUDA kernels of i2am_fast::attention_with_maps (SPEC.md, "The kernel"), mirroring
+// CUDA kernels of i2am_fast::attention_with_maps (docs/design.md, "The kernels"), mirroring
 // csrc/cpu/attention_with_maps_cpu.cpp:
 //
 //   pass 1   one CTA per (query block, batch entry x head): online softmax over key blocks gives
@@ -25,11 +25,14 @@
 //
 // Each warp owns 16 query rows of the CTA's block; in the m16n8 accumulator layout lane
 // (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 8 j + 2 t and 8 j + 2 t + 1 of
-// n-tile j. Head and value dims are zero-padded in shared memory to a compiled width DP.
+// n-tile j. Head and value dims are zero-padded in shared memory to a compiled width DP;
+// dispatch.cuh turns the run-time element type and padded width into the template arguments T
+// and DP.
 //
 // Only CUDA runtime headers, tile_math.h and the standard library are included (CI compiles
 // this file with nvcc -c alone).
 #include "attention_with_maps_kernels.cuh"
+#include "dispatch.cuh"
 
 #include "../tile_math.h"
 
@@ -970,8 +973,6 @@ __global__ void __launch_bounds__(kColumnThreads) reduce_reference_kernel(const 
 // Host side
 // ------------------------------------------------------------------------------------------------
 
-constexpr int kPaddedWidths[] = {32, 48, 64, 80, 128, 160, 256};
-
 template <typename T, int DP>
 cudaError_t run(const AttentionMapsLaunch& p, cudaStream_t stream) {
   using C = Config<T, DP>;
@@ -1006,46 +1007,6 @@ cudaError_t run(const AttentionMapsLaunch& p, cudaStream_t stream) {
   return launch_kernel(reduce_reference_kernel, column_grid, kColumnThreads, 0, stream, p, nqb);
 }
 
-template <typename T>
-cudaError_t run_width(const AttentionMapsLaunch& p, cudaStream_t stream) {
-  switch (p.padded_dim) {
-    case 32: return run<T, 32>(p, stream);
-    case 48: return run<T, 48>(p, stream);
-    case 64: return run<T, 64>(p, stream);
-    case 80: return run<T, 80>(p, stream);
-    case 128: return run<T, 128>(p, stream);
-    case 160: return run<T, 160>(p, stream);
-    case 256: return run<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-int config_value(int padded_dim, bool block) {
-#define I2AM_CONFIG_CASE(DP) \
-  case DP: return block ? Config<T, DP>::kBQ : Config<T, DP>::kSmemBytes;
-  switch (padded_dim) {
-    I2AM_CONFIG_CASE(32)
-    I2AM_CONFIG_CASE(48)
-    I2AM_CONFIG_CASE(64)
-    I2AM_CONFIG_CASE(80)
-    I2AM_CONFIG_CASE(128)
-    I2AM_CONFIG_CASE(160)
-    I2AM_CONFIG_CASE(256)
-    default: return 0;
-  }
-#undef I2AM_CONFIG_CASE
-}
-
-int config_value(ElementType dtype, int padded_dim, bool block) {
-  switch (dtype) {
-    case ElementType::kFloat32: return config_value<float>(padded_dim, block);
-    case ElementType::kFloat16: return config_value<__half>(padded_dim, block);
-    case ElementType::kBFloat16: return config_value<__nv_bfloat16>(padded_dim, block);
-  }
-  return 0;
-}
-
 }  // namespace
 
 int padded_head_dim(int head_dim, int value_dim) {
@@ -1061,9 +1022,13 @@ int padded_head_dim(int head_dim, int value_dim) {
   return 0;
 }
 
-int query_block_size(ElementType dtype, int padded_dim) { return config_value(dtype, padded_dim, true); }
+int query_block_size(ElementType dtype, int padded_dim) {
+  return I2AM_KERNEL_SWITCH(dtype, padded_dim, T, DP, 0, [&] { return Config<T, DP>::kBQ; });
+}
 
-int shared_memory_bytes(ElementType dtype, int padded_dim) { return config_value(dtype, padded_dim, false); }
+int shared_memory_bytes(ElementType dtype, int padded_dim) {
+  return I2AM_KERNEL_SWITCH(dtype, padded_dim, T, DP, 0, [&] { return Config<T, DP>::kSmemBytes; });
+}
 
 cudaError_t launch_attention_with_maps(const AttentionMapsLaunch& launch, cudaStream_t stream) {
   if (launch.batch < 1 || launch.heads < 1 || launch.num_queries < 1 || launch.num_keys < 1 ||
@@ -1071,12 +1036,8 @@ cudaError_t launch_attention_with_maps(const AttentionMapsLaunch& launch, cudaSt
       padded_head_dim(launch.head_dim, launch.value_dim) != launch.padded_dim) {
     return cudaErrorInvalidValue;
   }
-  switch (launch.dtype) {
-    case ElementType::kFloat32: return run_width<float>(launch, stream);
-    case ElementType::kFloat16: return run_width<__half>(launch, stream);
-    case ElementType::kBFloat16: return run_width<__nv_bfloat16>(launch, stream);
-  }
-  return cudaErrorInvalidValue;
+  return I2AM_KERNEL_SWITCH(launch.dtype, launch.padded_dim, T, DP, cudaErrorInvalidValue,
+                            [&] { return run<T, DP>(launch, stream); });
 }
 
 }  // namespace cuda

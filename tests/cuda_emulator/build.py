@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from typing import Optional, Sequence
 
@@ -103,6 +104,13 @@ def _replace(text: str, old: str, new: str, what: str) -> str:
     return text.replace(old, new)
 
 
+def _absolute_includes(text: str, directory: str) -> str:
+    """Every ``#include "path"`` of a source in ``directory`` made absolute: the generated files
+    live in the build directory."""
+    return re.sub(r'#include "([^"]+)"',
+                  lambda m: '#include "%s"' % os.path.normpath(os.path.join(directory, m.group(1))), text)
+
+
 def generate_sources(out_dir: str, library: str, mutations: Sequence[tuple[str, str]] = ()) -> list[str]:
     """Writes the emulated kernels, glue and registration (ops in namespace ``library``) into
     ``out_dir``; returns their paths."""
@@ -115,15 +123,10 @@ def generate_sources(out_dir: str, library: str, mutations: Sequence[tuple[str, 
             kernels = kernels.replace(old, new)
         else:
             primitives = _replace(primitives, old, new, "mutation")
-    kernels = kernels[:begin] + primitives + kernels[end:]
-    kernels = _replace(kernels, '#include "attention_with_maps_kernels.cuh"',
-                       f'#include "{os.path.join(CSRC, "cuda", "attention_with_maps_kernels.cuh")}"', "kernels")
-    kernels = _replace(kernels, '#include "../tile_math.h"', f'#include "{os.path.join(CSRC, "tile_math.h")}"', "kernels")
+    kernels = _absolute_includes(kernels[:begin] + primitives + kernels[end:], os.path.dirname(KERNELS))
     glue = open(GLUE).read()
     glue = _replace(glue, "TORCH_LIBRARY_IMPL(i2am_fast, CUDA, m)", f"TORCH_LIBRARY_IMPL({library}, CPU, m)", "glue")
-    glue = _replace(glue, '#include "../attention_with_maps.h"', f'#include "{os.path.join(CSRC, "attention_with_maps.h")}"', "glue")
-    glue = _replace(glue, '#include "attention_with_maps_kernels.cuh"',
-                    f'#include "{os.path.join(CSRC, "cuda", "attention_with_maps_kernels.cuh")}"', "glue")
+    glue = _absolute_includes(glue, os.path.dirname(GLUE))
     registration = open(REGISTRATION).read()
     registration = _replace(registration, "TORCH_LIBRARY(i2am_fast, m)", f"TORCH_LIBRARY({library}, m)", "registration")
     registration = registration.replace('#include "', f'#include "{CSRC}/')
