@@ -49,6 +49,10 @@ MUTATIONS = {
     # pass 2 reuses the row-shifted exponentials even where that underflows
     "pass2-no-exact-path": [("factor = block_reference - lse <= kReuseSpread ? fast_exp(block_reference - lse) : -1.0f;",
                              "factor = fast_exp(block_reference - lse);")],
+    # the per-CTA setup of both passes leaves the query tile's padding columns unwritten (NaN)
+    "setup-no-query-padding": [("    zero_pad_columns<T, C::kLd, DP, C::kBQ, C::kThreads>(sq, p.head_dim);\n", "")],
+    # the per-CTA setup ignores the entry offset: pass 1 of the other entries reads the map entries
+    "setup-entry-offset": [("b = p.entries[entry_offset + slot];", "b = p.entries[slot];")],
     # mma.sync A fragments in the wrong register order (as if the kernel misread the PTX layout)
     "mma-a-fragment-order": [("const int a_register = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);",
                               "const int a_register = (row >= 8 ? 2 : 0) + (k >= 8 ? 1 : 0);")],
@@ -81,6 +85,27 @@ _CONFIGURE = """
 extern "C" void i2am_emulator_configure(int deferred_copies, int schedule) {
   i2am_fast::cuda::g_deferred_copies = deferred_copies;
   i2am_fast::cuda::g_schedule = schedule;
+}
+
+// The compiled configurations, from the kernels' own lists (ctypes, for the tests).
+extern "C" int i2am_emulator_padded_widths(int* out, int capacity) {
+  int n = 0;
+  for (const int width : i2am_fast::cuda::kPaddedWidths) {
+    if (n < capacity) out[n] = width;
+    ++n;
+  }
+  return n;
+}
+extern "C" int i2am_emulator_padded_head_dim(int head_dim, int value_dim) {
+  return i2am_fast::cuda::padded_head_dim(head_dim, value_dim);
+}
+extern "C" const char* i2am_emulator_element_type_name(int index) {
+  static const char* const names[] = {
+#define I2AM_ELEMENT_TYPE_NAME(enumerator, type, torch_type, name) name,
+      I2AM_CUDA_ELEMENT_TYPES(I2AM_ELEMENT_TYPE_NAME)
+#undef I2AM_ELEMENT_TYPE_NAME
+  };
+  return index >= 0 && index < static_cast<int>(sizeof(names) / sizeof(names[0])) ? names[index] : nullptr;
 }
 """
 
