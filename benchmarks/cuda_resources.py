@@ -2,8 +2,10 @@
 
 Compiles csrc/cuda/attention_with_maps_kernels.cu with ``nvcc -Xptxas=-v`` for each target
 architecture (no GPU and no CUDA torch needed), reads ptxas's report for every kernel, asks the
-launch code itself for each configuration's query block and dynamic shared memory (a small host
-program linked against the compiled object), and writes benchmarks/results/cuda-resources.md.
+launch code itself for the compiled element types and padded widths (the lists in
+attention_with_maps_kernels.cuh) and each configuration's query block and dynamic shared memory
+(a small host program linked against the compiled object), checks that these configurations are
+exactly the instantiated kernels, and writes benchmarks/results/cuda-resources.md.
 
     python benchmarks/cuda_resources.py               # about 3 minutes per architecture on 2 cores
     python benchmarks/cuda_resources.py --archs 90
@@ -20,7 +22,6 @@ from datetime import datetime, timezone
 # ---------------------------------------------------------------- configuration
 ARCHS = ["80", "86", "89", "90"]
 SOURCE = "csrc/cuda/attention_with_maps_kernels.cu"
-DTYPES = {"float": ("float32", 0), "__half": ("float16", 1), "__nv_bfloat16": ("bfloat16", 2)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "cuda-resources.md")
 
@@ -29,14 +30,19 @@ HOST_PROGRAM = r"""
 #include "cuda/attention_with_maps_kernels.cuh"
 int main() {
   using namespace i2am_fast::cuda;
-  const int widths[] = {%(widths)s};
+  struct Dtype { ElementType code; const char* type; const char* name; };
+  const Dtype dtypes[] = {
+#define I2AM_DTYPE_ROW(enumerator, type, torch_type, name) {ElementType::enumerator, #type, name},
+      I2AM_CUDA_ELEMENT_TYPES(I2AM_DTYPE_ROW)
+#undef I2AM_DTYPE_ROW
+  };
   std::printf("[");
   bool first = true;
-  for (int dtype = 0; dtype < 3; ++dtype) {
-    for (int width : widths) {
-      std::printf("%%s{\"dtype\": %%d, \"width\": %%d, \"block\": %%d, \"smem\": %%d}", first ? "" : ", ", dtype, width,
-                  query_block_size(static_cast<ElementType>(dtype), width),
-                  shared_memory_bytes(static_cast<ElementType>(dtype), width));
+  for (const Dtype& dtype : dtypes) {
+    for (const int width : kPaddedWidths) {
+      std::printf("%s{\"type\": \"%s\", \"dtype\": \"%s\", \"code\": %d, \"width\": %d, \"block\": %d, \"smem\": %d}",
+                  first ? "" : ", ", dtype.type, dtype.name, static_cast<int>(dtype.code), width,
+                  query_block_size(dtype.code, width), shared_memory_bytes(dtype.code, width));
       first = false;
     }
   }
@@ -86,16 +92,17 @@ def parse_ptxas(log: str) -> list[dict]:
     return entries
 
 
-def launch_configs(obj: str, workdir: str, widths: list[int]) -> dict:
-    """Query block and dynamic shared memory per (dtype code, padded width), from the object's
-    own host functions."""
+def launch_configs(obj: str, workdir: str) -> dict:
+    """Every compiled (CUDA element type, padded width), e.g. ("__half", 64), with its dtype name,
+    ElementType code, query block and dynamic shared memory, from the launch interface's lists
+    and the object's own host functions."""
     src = os.path.join(workdir, "configs.cpp")
     exe = os.path.join(workdir, "configs")
     with open(src, "w") as f:
-        f.write(HOST_PROGRAM % {"widths": ", ".join(map(str, widths))})
+        f.write(HOST_PROGRAM)
     subprocess.run(["nvcc", "-std=c++17", "-Icsrc", src, obj, "-o", exe], cwd=ROOT, check=True, capture_output=True)
     rows = json.loads(subprocess.run([exe], capture_output=True, text=True, check=True).stdout)
-    return {(r["dtype"], r["width"]): r for r in rows}
+    return {(r["type"], r["width"]): r for r in rows}
 
 
 def main():
@@ -110,13 +117,17 @@ def main():
             log, obj = compile_arch(arch, workdir)
             per_arch[arch] = {(e["kernel"], tuple(e["template"])): e for e in parse_ptxas(log)}
             print(f"sm_{arch}: {len(per_arch[arch])} kernels", flush=True)
-            if configs is None:  # the padded widths are the ones the kernels were instantiated for
-                widths = sorted({int(t[1]) for _, t in per_arch[arch] if len(t) > 1})
-                configs = launch_configs(obj, workdir, widths)
+            if configs is None:
+                configs = launch_configs(obj, workdir)
+            instantiated = {(t[0], int(t[1])) for _, t in per_arch[arch] if len(t) > 1}
+            if instantiated != set(configs):
+                raise RuntimeError(f"sm_{arch}: instantiated kernels {sorted(instantiated)} differ from the "
+                                   f"compiled configurations {sorted(configs)}")
+    dtypes = {c["type"]: (c["dtype"], c["code"]) for c in configs.values()}
 
     static = sorted({e["static_smem"] for a in archs for e in per_arch[a].values()})
     static_text = "0 bytes for every kernel" if static == [0] else f"between {static[0]} and {static[-1]} bytes"
-    keys = sorted(per_arch[archs[0]], key=lambda k: (k[0], DTYPES.get(k[1][0], ("", 9))[1] if k[1] else -1,
+    keys = sorted(per_arch[archs[0]], key=lambda k: (k[0], dtypes.get(k[1][0], ("", 9))[1] if k[1] else -1,
                                                       int(k[1][1]) if len(k[1]) > 1 else 0, k[1][2:] if k[1] else ()))
     lines = ["# CUDA kernel resources (ptxas -v)", "",
              f"{nvcc_version}; `nvcc -c -O3 -Xptxas=-v` per architecture, "
@@ -133,10 +144,10 @@ def main():
     spilling = []
     for key in keys:
         kernel, template = key
-        dtype_name, dtype_code = DTYPES.get(template[0], ("-", None)) if template else ("-", None)
+        dtype_name = dtypes.get(template[0], ("-", None))[0] if template else "-"
         width = int(template[1]) if len(template) > 1 else None
         maps = {"true": "yes", "false": "no"}.get(template[2], template[2]) if len(template) > 2 else ""
-        config = configs.get((dtype_code, width)) if dtype_code is not None else None
+        config = configs.get((template[0], width)) if width is not None else None
         regs = [str(per_arch[a][key]["registers"]) if key in per_arch[a] else "?" for a in archs]
         spills = {a: (per_arch[a][key]["spill_stores"], per_arch[a][key]["spill_loads"]) for a in archs if key in per_arch[a]}
         stacks = {per_arch[a][key]["stack"] for a in archs if key in per_arch[a]}

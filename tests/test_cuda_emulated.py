@@ -54,11 +54,17 @@ DTYPES = [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16
 
 
 @pytest.fixture(scope="module")
-def emulated():
-    """The emulated CUDA back end: (attention_with_maps, attention_with_maps_accumulate, configure).
-    I2AM_EMULATOR_MUTATION=<name> builds a broken variant instead (tests/cuda_emulator/mutations.py)."""
+def emulated_build():
+    """(op namespace, library path) of the emulated CUDA back end. I2AM_EMULATOR_MUTATION=<name>
+    builds a broken variant instead (tests/cuda_emulator/mutations.py)."""
     mutation = os.environ.get("I2AM_EMULATOR_MUTATION")
-    namespace, library = emulator_build.build(BUILD_ROOT, emulator_build.MUTATIONS[mutation] if mutation else ())
+    return emulator_build.build(BUILD_ROOT, emulator_build.MUTATIONS[mutation] if mutation else ())
+
+
+@pytest.fixture(scope="module")
+def emulated(emulated_build):
+    """The emulated CUDA back end: (attention_with_maps, attention_with_maps_accumulate, configure)."""
+    namespace, library = emulated_build
     ops = getattr(torch.ops, namespace)
     configure = ctypes.CDLL(library).i2am_emulator_configure
     configure(1, 0)
@@ -85,6 +91,23 @@ SHAPES = [
     pytest.param((2, 1, 40, 60, 64, 32), id="Dv<D"),
     pytest.param((1, 1, 60, 70, 40, 80), id="Dv>D"),
 ]
+
+
+def test_emulated_cases_reach_every_compiled_width_and_dtype(emulated_build):
+    """SHAPES reach every padded width and DTYPES every element type the kernels are compiled for,
+    both read from the compiled kernels' own lists: a width or type added there without a case
+    here fails."""
+    library = ctypes.CDLL(emulated_build[1])
+    library.i2am_emulator_element_type_name.restype = ctypes.c_char_p
+    widths = (ctypes.c_int * 64)()
+    count = library.i2am_emulator_padded_widths(widths, 64)
+    assert 0 < count <= 64
+    reached = {library.i2am_emulator_padded_head_dim(s.values[0][4], s.values[0][5]) for s in SHAPES}
+    assert reached == set(widths[:count])
+    names = []
+    while (name := library.i2am_emulator_element_type_name(len(names))) is not None:
+        names.append(name.decode())
+    assert sorted(names) == sorted(str(d.values[0]).removeprefix("torch.") for d in DTYPES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

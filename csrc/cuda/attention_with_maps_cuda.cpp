@@ -36,14 +36,20 @@ namespace kernels = ::i2am_fast::cuda;
 
 constexpr const char* kOpName = "attention_with_maps";
 
+// The kernels' element type for a torch dtype (the list is I2AM_CUDA_ELEMENT_TYPES).
 kernels::ElementType element_type(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kernels::ElementType::kFloat32;
-    case at::kHalf: return kernels::ElementType::kFloat16;
-    case at::kBFloat16: return kernels::ElementType::kBFloat16;
+#define I2AM_TORCH_DTYPE_CASE(enumerator, type, torch_type, name) \
+  case at::ScalarType::torch_type:                                \
+    return kernels::ElementType::enumerator;
+    I2AM_CUDA_ELEMENT_TYPES(I2AM_TORCH_DTYPE_CASE)
+#undef I2AM_TORCH_DTYPE_CASE
     default: break;
   }
-  TORCH_CHECK_VALUE(false, kOpName, ": q has dtype ", t, "; the CUDA kernels support float32, float16 and bfloat16.");
+#define I2AM_DTYPE_NAME(enumerator, type, torch_type, name) " " name
+  TORCH_CHECK_VALUE(false, kOpName, ": q has dtype ", t, "; the CUDA kernels support these dtypes:",
+                    I2AM_CUDA_ELEMENT_TYPES(I2AM_DTYPE_NAME), ".");
+#undef I2AM_DTYPE_NAME
   return kernels::ElementType::kFloat32;
 }
 

@@ -1,4 +1,4 @@
-// CUDA kernels of i2am_fast::attention_with_maps (SPEC.md, "The kernel"), mirroring
+// CUDA kernels of i2am_fast::attention_with_maps (docs/design.md, "The kernels"), mirroring
 // csrc/cpu/attention_with_maps_cpu.cpp:
 //
 //   pass 1   one CTA per (query block, batch entry x head): online softmax over key blocks gives
@@ -25,11 +25,15 @@
 //
 // Each warp owns 16 query rows of the CTA's block; in the m16n8 accumulator layout lane
 // (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 8 j + 2 t and 8 j + 2 t + 1 of
-// n-tile j. Head and value dims are zero-padded in shared memory to a compiled width DP.
+// n-tile j. Head and value dims are zero-padded in shared memory to a compiled width DP. Both
+// passes start a CTA the same way (BlockSetup: which pair and query block, shared-memory
+// tiles, padding, the first loads, the lane's rows); dispatch.cuh turns the run-time element
+// type and padded width into the template arguments T and DP.
 //
 // Only CUDA runtime headers, tile_math.h and the standard library are included (CI compiles
 // this file with nvcc -c alone).
 #include "attention_with_maps_kernels.cuh"
+#include "dispatch.cuh"
 
 #include "../tile_math.h"
 
@@ -427,6 +431,97 @@ __device__ __forceinline__ float exp_shifted_fast(float x, float shift) {
   return x == -kInf ? 0.0f : fast_exp(x - shift);
 }
 
+// Row reductions: the 4 lanes of a quad (lane bits 0-1) hold the columns of the same rows.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += shfl_xor(x, 1);
+  x += shfl_xor(x, 2);
+  return x;
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, shfl_xor(x, 1));
+  x = fmaxf(x, shfl_xor(x, 2));
+  return x;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-CTA setup shared by pass 1 and pass 2
+// ------------------------------------------------------------------------------------------------
+
+// What a CTA of either pass works on and where. Grid (query blocks, entries x heads): CTA
+// (qb, pair) takes query block qb of head pair % H of batch entry entries[entry_offset + slot],
+// slot = pair / H (the map slot for map entries). Shared memory: the query tile [BQ][LD], two
+// key/value tiles [BK][LD] (pass 1: K and V; pass 2: K double buffered) and, from
+// Config::kStatsOffset, the pass's statistics area.
+template <typename T, int DP>
+struct BlockSetup {
+  using C = Config<T, DP>;
+
+  int tid, lane, warp, g, t;  // g = lane / 4 and t = lane % 4 as in the m16n8 layout
+  int qb, pair, h, slot, b;
+  int nq, nk, nqb, q0;
+  int r0, r1;  // the query rows this lane holds (may lie past Nq in the last block)
+  const T* qg;  // query q0 of the pair
+  const T* kg;  // key 0 of the pair
+  const T* vg;  // value 0 of the pair
+  T* sq;
+  T* tile0;
+  T* tile1;
+  unsigned char* stats;
+  const T* sq_warp;  // the warp's 16 rows of the query tile
+
+  __device__ __forceinline__ BlockSetup(const AttentionMapsLaunch& p, int entry_offset) {
+    unsigned char* smem = dynamic_smem();
+    sq = reinterpret_cast<T*>(smem);
+    tile0 = sq + C::kBQ * C::kLd;
+    tile1 = tile0 + C::kBK * C::kLd;
+    stats = smem + C::kStatsOffset;
+
+    tid = thread_index();
+    lane = tid & 31;
+    warp = tid >> 5;
+    g = lane >> 2;
+    t = lane & 3;
+    qb = block_index_x();
+    pair = block_index_y();
+    h = pair % p.heads;
+    slot = pair / p.heads;
+    b = p.entries[entry_offset + slot];
+    nq = p.num_queries;
+    nk = p.num_keys;
+    nqb = (nq + C::kBQ - 1) / C::kBQ;
+    q0 = qb * C::kBQ;
+
+    qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2];
+    kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
+    vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+
+    r0 = q0 + warp * 16 + g;
+    r1 = r0 + 8;
+    sq_warp = sq + warp * 16 * C::kLd;
+  }
+
+  // Zeroes the padding columns of the three tiles (once per CTA: the loads never write them;
+  // tile1 holds `tile1_width` columns), then starts the copies of the query block and of key
+  // tile 0 into tile0 as one cp.async group.
+  __device__ __forceinline__ void start(const AttentionMapsLaunch& p, int tile1_width) const {
+    zero_pad_columns<T, C::kLd, DP, C::kBQ, C::kThreads>(sq, p.head_dim);
+    zero_pad_columns<T, C::kLd, DP, C::kBK, C::kThreads>(tile0, p.head_dim);
+    zero_pad_columns<T, C::kLd, DP, C::kBK, C::kThreads>(tile1, tile1_width);
+    load_tile<T, C::kLd, C::kBQ, C::kThreads>(sq, qg, p.q_stride[2], min(C::kBQ, nq - q0), p.head_dim, p.q_vectorized);
+    load_keys(p, tile0, 0);
+    cp_async_commit();
+  }
+
+  // Starts the copies of keys / values [k0, k0 + BK) into `dst` (rows past Nk become zero);
+  // the caller commits.
+  __device__ __forceinline__ void load_keys(const AttentionMapsLaunch& p, T* dst, int k0) const {
+    load_tile<T, C::kLd, C::kBK, C::kThreads>(dst, kg + k0 * p.k_stride[2], p.k_stride[2], min(C::kBK, nk - k0), p.head_dim, p.k_vectorized);
+  }
+  __device__ __forceinline__ void load_values(const AttentionMapsLaunch& p, T* dst, int k0) const {
+    load_tile<T, C::kLd, C::kBK, C::kThreads>(dst, vg + k0 * p.v_stride[2], p.v_stride[2], min(C::kBK, nk - k0), p.value_dim, p.v_vectorized);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Pass 1
 // ------------------------------------------------------------------------------------------------
@@ -438,44 +533,17 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     attention_pass1_kernel(const AttentionMapsLaunch p) {
   using C = Config<T, DP>;
   constexpr int BQ = C::kBQ, BK = C::kBK, LD = C::kLd, NT = C::kNT, NO = C::kNO;
-  constexpr int SLOTS = C::kSlots, OWNED = C::kOwned, THREADS = C::kThreads, WARPS = C::kWarps;
+  constexpr int SLOTS = C::kSlots, OWNED = C::kOwned, WARPS = C::kWarps;
   using TC = std::integral_constant<bool, C::kTensorCores>;
 
-  unsigned char* smem = dynamic_smem();
-  T* sq = reinterpret_cast<T*>(smem);
-  T* sk = sq + BQ * LD;
-  T* sv = sk + BK * LD;
-  float2* col_stat = reinterpret_cast<float2*>(smem + C::kStatsOffset);  // [WARPS][BK]
-
-  const int tid = thread_index();
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int t = lane & 3;
-  const int qb = block_index_x();
-  const int pair = block_index_y();
-  const int h = pair % p.heads;
-  const int idx = pair / p.heads;
-  const int b = p.entries[kMaps ? idx : p.map_count + idx];
-  const int nq = p.num_queries;
-  const int nk = p.num_keys;
-  const int nqb = (nq + BQ - 1) / BQ;
-  const int q0 = qb * BQ;
-
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2];
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
-
-  zero_pad_columns<T, LD, DP, BQ, THREADS>(sq, p.head_dim);
-  zero_pad_columns<T, LD, DP, BK, THREADS>(sk, p.head_dim);
-  zero_pad_columns<T, LD, DP, BK, THREADS>(sv, p.value_dim);
-  load_tile<T, LD, BQ, THREADS>(sq, qg, p.q_stride[2], min(BQ, nq - q0), p.head_dim, p.q_vectorized);
-  load_tile<T, LD, BK, THREADS>(sk, kg, p.k_stride[2], min(BK, nk), p.head_dim, p.k_vectorized);
-  cp_async_commit();
-
-  const int r0 = q0 + warp * 16 + (lane >> 2);  // query rows of this lane
-  const int r1 = r0 + 8;
+  const BlockSetup<T, DP> cta(p, kMaps ? 0 : p.map_count);
+  const int tid = cta.tid, lane = cta.lane, warp = cta.warp, t = cta.t;
+  const int nq = cta.nq, nk = cta.nk, q0 = cta.q0, r0 = cta.r0, r1 = cta.r1;
+  T* sk = cta.tile0;
+  T* sv = cta.tile1;
+  float2* col_stat = reinterpret_cast<float2*>(cta.stats);  // [WARPS][BK]
+  cta.start(p, p.value_dim);
   const bool row_tail = q0 + BQ > nq;
-  const T* sq_warp = sq + warp * 16 * LD;
 
   float o[NO][4];
 #pragma unroll
@@ -490,14 +558,14 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     const int k0 = kb * BK;
     cp_async_wait<0>();
     block_sync();  // K tile (and Q) landed; everyone is done with the previous V tile
-    load_tile<T, LD, BK, THREADS>(sv, vg + k0 * p.v_stride[2], p.v_stride[2], min(BK, nk - k0), p.value_dim, p.v_vectorized);
+    cta.load_values(p, sv, k0);
     cp_async_commit();
 
     float s[NT][4];
-    warp_scores<T, DP, LD, NT>(s, sq_warp, sk, lane, TC());
+    warp_scores<T, DP, LD, NT>(s, cta.sq_warp, sk, lane, TC());
     block_sync();  // everyone is done reading the K tile
     if (kb + 1 < nkb) {
-      load_tile<T, LD, BK, THREADS>(sk, kg + (k0 + BK) * p.k_stride[2], p.k_stride[2], min(BK, nk - k0 - BK), p.head_dim, p.k_vectorized);
+      cta.load_keys(p, sk, k0 + BK);
       cp_async_commit();
     }
 
@@ -525,10 +593,8 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
       mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
       mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
     }
-    mx0 = fmaxf(mx0, shfl_xor(mx0, 1));
-    mx0 = fmaxf(mx0, shfl_xor(mx0, 2));
-    mx1 = fmaxf(mx1, shfl_xor(mx1, 1));
-    mx1 = fmaxf(mx1, shfl_xor(mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     const float mn0 = fmaxf(m0, mx0);
     const float mn1 = fmaxf(m1, mx1);
 
@@ -646,7 +712,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
         for (int w = 1; w < WARPS; ++w) {
           stat = merge_stats(stat, SoftmaxStat<float>{col_stat[w * BK + tid].x, col_stat[w * BK + tid].y});
         }
-        const int64_t at = (static_cast<int64_t>(pair) * nqb + qb) * nk + k0 + tid;
+        const int64_t at = (static_cast<int64_t>(cta.pair) * cta.nqb + cta.qb) * nk + k0 + tid;
         p.col_max[at] = stat.max;
         p.col_sum[at] = stat.sum;
       }
@@ -656,14 +722,12 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
   }
 
   // Epilogue: full row sums, normalised output, row log-sum-exp.
-  l0 += shfl_xor(l0, 1);
-  l0 += shfl_xor(l0, 2);
-  l1 += shfl_xor(l1, 1);
-  l1 += shfl_xor(l1, 2);
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
   const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
   const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
   const int dv = p.value_dim;
-  T* out = static_cast<T*>(p.output) + (static_cast<int64_t>(b) * p.heads + h) * nq * dv;
+  T* out = static_cast<T*>(p.output) + (static_cast<int64_t>(cta.b) * p.heads + cta.h) * nq * dv;
   const bool pairs_ok = (dv & 1) == 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -691,7 +755,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
   }
   if constexpr (kMaps) {
     if (t == 0) {
-      float* lse = p.row_lse + static_cast<int64_t>(pair) * nq;
+      float* lse = p.row_lse + static_cast<int64_t>(cta.pair) * nq;
       if (r0 < nq) {
         lse[r0] = log_sum_exp(SoftmaxStat<float>{m0, l0});
       }
@@ -742,52 +806,28 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
   constexpr int SLOTS = C::kSlots, OWNED = C::kOwned, THREADS = C::kThreads, WARPS = C::kWarps;
   using TC = std::integral_constant<bool, C::kTensorCores>;
 
-  unsigned char* smem = dynamic_smem();
-  T* sq = reinterpret_cast<T*>(smem);
-  T* sk0 = sq + BQ * LD;
-  T* sk1 = sk0 + BK * LD;
-  float* ref_part = reinterpret_cast<float*>(smem + C::kStatsOffset);  // [WARPS][BK]
-  float* col_lse = ref_part + WARPS * BK;                               // [2][BK]
-  float* col_factor = col_lse + 2 * BK;                                 // [2][BK]
-  float* row_lse_block = col_factor + 2 * BK;                           // [BQ]
-
-  const int tid = thread_index();
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int qb = block_index_x();
-  const int pair = block_index_y();
-  const int h = pair % p.heads;
-  const int slot = pair / p.heads;
-  const int b = p.entries[slot];
-  const int nq = p.num_queries;
-  const int nk = p.num_keys;
-  const int nqb = (nq + BQ - 1) / BQ;
-  const int q0 = qb * BQ;
-
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2];
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
-
-  zero_pad_columns<T, LD, DP, BQ, THREADS>(sq, p.head_dim);
-  zero_pad_columns<T, LD, DP, BK, THREADS>(sk0, p.head_dim);
-  zero_pad_columns<T, LD, DP, BK, THREADS>(sk1, p.head_dim);
-  load_tile<T, LD, BQ, THREADS>(sq, qg, p.q_stride[2], min(BQ, nq - q0), p.head_dim, p.q_vectorized);
-  load_tile<T, LD, BK, THREADS>(sk0, kg, p.k_stride[2], min(BK, nk), p.head_dim, p.k_vectorized);
-  cp_async_commit();
+  const BlockSetup<T, DP> cta(p, 0);
+  const int tid = cta.tid, lane = cta.lane, warp = cta.warp, g = cta.g, t = cta.t;
+  const int qb = cta.qb, pair = cta.pair, slot = cta.slot, h = cta.h;
+  const int nq = cta.nq, nk = cta.nk, q0 = cta.q0, r0 = cta.r0, r1 = cta.r1;
+  T* sk0 = cta.tile0;
+  T* sk1 = cta.tile1;
+  float* ref_part = reinterpret_cast<float*>(cta.stats);  // [WARPS][BK]
+  float* col_lse = ref_part + WARPS * BK;                 // [2][BK]
+  float* col_factor = col_lse + 2 * BK;                   // [2][BK]
+  float* row_lse_block = col_factor + 2 * BK;             // [BQ]
+  cta.start(p, p.head_dim);
 
   const float* row_lse = p.row_lse + static_cast<int64_t>(pair) * nq;
   for (int i = tid; i < BQ; i += THREADS) {
     row_lse_block[i] = q0 + i < nq ? row_lse[q0 + i] : -kInf;
   }
-  const int r0 = q0 + warp * 16 + g;
-  const int r1 = r0 + 8;
   const bool ok0 = r0 < nq;
   const bool ok1 = r1 < nq;
   // Rows past Nq: shift +inf makes every e zero, weight 0; their g is never written.
   const float rl0 = ok0 ? row_lse[r0] : kInf;
   const float rl1 = ok1 ? row_lse[r1] : kInf;
-  const float* weights = p.query_weights == nullptr ? nullptr : p.query_weights + static_cast<int64_t>(b) * nq;
+  const float* weights = p.query_weights == nullptr ? nullptr : p.query_weights + static_cast<int64_t>(cta.b) * nq;
   const float w0 = ok0 ? (weights == nullptr ? 1.0f : weights[r0]) : 0.0f;
   const float w1 = ok1 ? (weights == nullptr ? 1.0f : weights[r1]) : 0.0f;
   block_sync();
@@ -825,7 +865,6 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
     probe_begin = p.probe_block_start[qb];
     probe_end = p.probe_block_start[qb + 1];
   }
-  const T* sq_warp = sq + warp * 16 * LD;
   float g_reused0 = 0.0f, g_reused1 = 0.0f;  // sum_k e * exp(A - colLSE)
   float g_exact0 = 0.0f, g_exact1 = 0.0f;    // sum_k exp(S - colLSE) over exact columns
 
@@ -834,7 +873,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
     const int k0 = kb * BK;
     const int buf = kb & 1;
     if (kb + 1 < nkb) {
-      load_tile<T, LD, BK, THREADS>(buf ? sk0 : sk1, kg + (k0 + BK) * p.k_stride[2], p.k_stride[2], min(BK, nk - k0 - BK), p.head_dim, p.k_vectorized);
+      cta.load_keys(p, buf ? sk0 : sk1, k0 + BK);
       cp_async_commit();
       stage_columns(kb + 1, buf ^ 1);
       cp_async_wait<1>();
@@ -844,7 +883,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
     block_sync();  // key tile kb and its column factors visible
 
     float s[NT][4];
-    warp_scores<T, DP, LD, NT>(s, sq_warp, buf ? sk1 : sk0, lane, TC());
+    warp_scores<T, DP, LD, NT>(s, cta.sq_warp, buf ? sk1 : sk0, lane, TC());
     const bool col_tail = k0 + BK > nk;
     const float* lse_tile = col_lse + buf * BK;
     const float* factor_tile = col_factor + buf * BK;
@@ -919,19 +958,15 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
         total += ref_part[w * BK + tid];
       }
       // The column-max buffer is free after the combine: it holds the reference partials now.
-      p.col_max[(static_cast<int64_t>(pair) * nqb + qb) * nk + k0 + tid] = total;
+      p.col_max[(static_cast<int64_t>(pair) * cta.nqb + qb) * nk + k0 + tid] = total;
     }
   }
 
   // Generated map: g = (exp(rowLSE - A) * reused + exact) / Nk, added into the accumulator.
-  g_reused0 += shfl_xor(g_reused0, 1);
-  g_reused0 += shfl_xor(g_reused0, 2);
-  g_reused1 += shfl_xor(g_reused1, 1);
-  g_reused1 += shfl_xor(g_reused1, 2);
-  g_exact0 += shfl_xor(g_exact0, 1);
-  g_exact0 += shfl_xor(g_exact0, 2);
-  g_exact1 += shfl_xor(g_exact1, 1);
-  g_exact1 += shfl_xor(g_exact1, 2);
+  g_reused0 = quad_sum(g_reused0);
+  g_reused1 = quad_sum(g_reused1);
+  g_exact0 = quad_sum(g_exact0);
+  g_exact1 = quad_sum(g_exact1);
   if (t == 0) {
     const float inv_keys = 1.0f / static_cast<float>(nk);
     float* gen = p.generated + slot * p.generated_stride[0] + h * p.generated_stride[1];
@@ -970,8 +1005,6 @@ __global__ void __launch_bounds__(kColumnThreads) reduce_reference_kernel(const 
 // Host side
 // ------------------------------------------------------------------------------------------------
 
-constexpr int kPaddedWidths[] = {32, 48, 64, 80, 128, 160, 256};
-
 template <typename T, int DP>
 cudaError_t run(const AttentionMapsLaunch& p, cudaStream_t stream) {
   using C = Config<T, DP>;
@@ -1006,46 +1039,6 @@ cudaError_t run(const AttentionMapsLaunch& p, cudaStream_t stream) {
   return launch_kernel(reduce_reference_kernel, column_grid, kColumnThreads, 0, stream, p, nqb);
 }
 
-template <typename T>
-cudaError_t run_width(const AttentionMapsLaunch& p, cudaStream_t stream) {
-  switch (p.padded_dim) {
-    case 32: return run<T, 32>(p, stream);
-    case 48: return run<T, 48>(p, stream);
-    case 64: return run<T, 64>(p, stream);
-    case 80: return run<T, 80>(p, stream);
-    case 128: return run<T, 128>(p, stream);
-    case 160: return run<T, 160>(p, stream);
-    case 256: return run<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-int config_value(int padded_dim, bool block) {
-#define I2AM_CONFIG_CASE(DP) \
-  case DP: return block ? Config<T, DP>::kBQ : Config<T, DP>::kSmemBytes;
-  switch (padded_dim) {
-    I2AM_CONFIG_CASE(32)
-    I2AM_CONFIG_CASE(48)
-    I2AM_CONFIG_CASE(64)
-    I2AM_CONFIG_CASE(80)
-    I2AM_CONFIG_CASE(128)
-    I2AM_CONFIG_CASE(160)
-    I2AM_CONFIG_CASE(256)
-    default: return 0;
-  }
-#undef I2AM_CONFIG_CASE
-}
-
-int config_value(ElementType dtype, int padded_dim, bool block) {
-  switch (dtype) {
-    case ElementType::kFloat32: return config_value<float>(padded_dim, block);
-    case ElementType::kFloat16: return config_value<__half>(padded_dim, block);
-    case ElementType::kBFloat16: return config_value<__nv_bfloat16>(padded_dim, block);
-  }
-  return 0;
-}
-
 }  // namespace
 
 int padded_head_dim(int head_dim, int value_dim) {
@@ -1061,9 +1054,13 @@ int padded_head_dim(int head_dim, int value_dim) {
   return 0;
 }
 
-int query_block_size(ElementType dtype, int padded_dim) { return config_value(dtype, padded_dim, true); }
+int query_block_size(ElementType dtype, int padded_dim) {
+  return I2AM_KERNEL_SWITCH(dtype, padded_dim, T, DP, 0, [&] { return Config<T, DP>::kBQ; });
+}
 
-int shared_memory_bytes(ElementType dtype, int padded_dim) { return config_value(dtype, padded_dim, false); }
+int shared_memory_bytes(ElementType dtype, int padded_dim) {
+  return I2AM_KERNEL_SWITCH(dtype, padded_dim, T, DP, 0, [&] { return Config<T, DP>::kSmemBytes; });
+}
 
 cudaError_t launch_attention_with_maps(const AttentionMapsLaunch& launch, cudaStream_t stream) {
   if (launch.batch < 1 || launch.heads < 1 || launch.num_queries < 1 || launch.num_keys < 1 ||
@@ -1071,12 +1068,8 @@ cudaError_t launch_attention_with_maps(const AttentionMapsLaunch& launch, cudaSt
       padded_head_dim(launch.head_dim, launch.value_dim) != launch.padded_dim) {
     return cudaErrorInvalidValue;
   }
-  switch (launch.dtype) {
-    case ElementType::kFloat32: return run_width<float>(launch, stream);
-    case ElementType::kFloat16: return run_width<__half>(launch, stream);
-    case ElementType::kBFloat16: return run_width<__nv_bfloat16>(launch, stream);
-  }
-  return cudaErrorInvalidValue;
+  return I2AM_KERNEL_SWITCH(launch.dtype, launch.padded_dim, T, DP, cudaErrorInvalidValue,
+                            [&] { return run<T, DP>(launch, stream); });
 }
 
 }  // namespace cuda

@@ -13,11 +13,27 @@
 namespace i2am_fast {
 namespace cuda {
 
-enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The element types the kernels are compiled for: the only list of them. Each entry is
+//   X(enumerator, CUDA element type, torch ScalarType enumerator, name in messages)
+// The enum below, the torch glue's dtype mapping and the compile-time dispatch (dispatch.cuh)
+// all expand this list; only the .cu needs the CUDA element types themselves.
+#define I2AM_CUDA_ELEMENT_TYPES(X)                  \
+  X(kFloat32, float, Float, "float32")              \
+  X(kFloat16, __half, Half, "float16")              \
+  X(kBFloat16, __nv_bfloat16, BFloat16, "bfloat16")
 
-// Head dims (q/k) and value dims (v) from 1 to kMaxHeadDim are supported; both are padded
-// with zeros in shared memory to one of the compiled widths (a multiple of 16).
-constexpr int kMaxHeadDim = 256;
+enum class ElementType : int {
+#define I2AM_ELEMENT_TYPE_ENUMERATOR(enumerator, type, torch_type, name) enumerator,
+  I2AM_CUDA_ELEMENT_TYPES(I2AM_ELEMENT_TYPE_ENUMERATOR)
+#undef I2AM_ELEMENT_TYPE_ENUMERATOR
+};
+
+// The padded widths the kernels are compiled for, ascending, each a multiple of 16: the only
+// list of them. Head dims (q/k) and value dims (v) from 1 to kMaxHeadDim are supported; both
+// are padded with zeros in shared memory to the smallest width that holds them.
+inline constexpr int kPaddedWidths[] = {32, 48, 64, 80, 128, 160, 256};
+inline constexpr int kPaddedWidthCount = static_cast<int>(sizeof(kPaddedWidths) / sizeof(kPaddedWidths[0]));
+inline constexpr int kMaxHeadDim = kPaddedWidths[kPaddedWidthCount - 1];
 
 // Padded width for head dim `head_dim` and value dim `value_dim`: the smallest compiled width
 // >= max(head_dim, value_dim), or 0 when either is outside [1, kMaxHeadDim].
@@ -30,7 +46,7 @@ int query_block_size(ElementType dtype, int padded_dim);
 // Dynamic shared memory per CTA of the largest kernel for this element type and padded width.
 int shared_memory_bytes(ElementType dtype, int padded_dim);
 
-// One call. Sizes as in SPEC.md: q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], each with
+// One call. Sizes as in docs/design.md ("The kernels"): q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], each with
 // unit stride along its last dim and the element strides given for (batch, head, token).
 struct AttentionMapsLaunch {
   ElementType dtype = ElementType::kFloat32;

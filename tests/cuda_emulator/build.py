@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from typing import Optional, Sequence
 
@@ -48,6 +49,10 @@ MUTATIONS = {
     # pass 2 reuses the row-shifted exponentials even where that underflows
     "pass2-no-exact-path": [("factor = block_reference - lse <= kReuseSpread ? fast_exp(block_reference - lse) : -1.0f;",
                              "factor = fast_exp(block_reference - lse);")],
+    # the per-CTA setup of both passes leaves the query tile's padding columns unwritten (NaN)
+    "setup-no-query-padding": [("    zero_pad_columns<T, C::kLd, DP, C::kBQ, C::kThreads>(sq, p.head_dim);\n", "")],
+    # the per-CTA setup ignores the entry offset: pass 1 of the other entries reads the map entries
+    "setup-entry-offset": [("b = p.entries[entry_offset + slot];", "b = p.entries[slot];")],
     # mma.sync A fragments in the wrong register order (as if the kernel misread the PTX layout)
     "mma-a-fragment-order": [("const int a_register = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);",
                               "const int a_register = (row >= 8 ? 2 : 0) + (k >= 8 ? 1 : 0);")],
@@ -81,6 +86,27 @@ extern "C" void i2am_emulator_configure(int deferred_copies, int schedule) {
   i2am_fast::cuda::g_deferred_copies = deferred_copies;
   i2am_fast::cuda::g_schedule = schedule;
 }
+
+// The compiled configurations, from the kernels' own lists (ctypes, for the tests).
+extern "C" int i2am_emulator_padded_widths(int* out, int capacity) {
+  int n = 0;
+  for (const int width : i2am_fast::cuda::kPaddedWidths) {
+    if (n < capacity) out[n] = width;
+    ++n;
+  }
+  return n;
+}
+extern "C" int i2am_emulator_padded_head_dim(int head_dim, int value_dim) {
+  return i2am_fast::cuda::padded_head_dim(head_dim, value_dim);
+}
+extern "C" const char* i2am_emulator_element_type_name(int index) {
+  static const char* const names[] = {
+#define I2AM_ELEMENT_TYPE_NAME(enumerator, type, torch_type, name) name,
+      I2AM_CUDA_ELEMENT_TYPES(I2AM_ELEMENT_TYPE_NAME)
+#undef I2AM_ELEMENT_TYPE_NAME
+  };
+  return index >= 0 && index < static_cast<int>(sizeof(names) / sizeof(names[0])) ? names[index] : nullptr;
+}
 """
 
 
@@ -103,6 +129,13 @@ def _replace(text: str, old: str, new: str, what: str) -> str:
     return text.replace(old, new)
 
 
+def _absolute_includes(text: str, directory: str) -> str:
+    """Every ``#include "path"`` of a source in ``directory`` made absolute: the generated files
+    live in the build directory."""
+    return re.sub(r'#include "([^"]+)"',
+                  lambda m: '#include "%s"' % os.path.normpath(os.path.join(directory, m.group(1))), text)
+
+
 def generate_sources(out_dir: str, library: str, mutations: Sequence[tuple[str, str]] = ()) -> list[str]:
     """Writes the emulated kernels, glue and registration (ops in namespace ``library``) into
     ``out_dir``; returns their paths."""
@@ -115,15 +148,10 @@ def generate_sources(out_dir: str, library: str, mutations: Sequence[tuple[str, 
             kernels = kernels.replace(old, new)
         else:
             primitives = _replace(primitives, old, new, "mutation")
-    kernels = kernels[:begin] + primitives + kernels[end:]
-    kernels = _replace(kernels, '#include "attention_with_maps_kernels.cuh"',
-                       f'#include "{os.path.join(CSRC, "cuda", "attention_with_maps_kernels.cuh")}"', "kernels")
-    kernels = _replace(kernels, '#include "../tile_math.h"', f'#include "{os.path.join(CSRC, "tile_math.h")}"', "kernels")
+    kernels = _absolute_includes(kernels[:begin] + primitives + kernels[end:], os.path.dirname(KERNELS))
     glue = open(GLUE).read()
     glue = _replace(glue, "TORCH_LIBRARY_IMPL(i2am_fast, CUDA, m)", f"TORCH_LIBRARY_IMPL({library}, CPU, m)", "glue")
-    glue = _replace(glue, '#include "../attention_with_maps.h"', f'#include "{os.path.join(CSRC, "attention_with_maps.h")}"', "glue")
-    glue = _replace(glue, '#include "attention_with_maps_kernels.cuh"',
-                    f'#include "{os.path.join(CSRC, "cuda", "attention_with_maps_kernels.cuh")}"', "glue")
+    glue = _absolute_includes(glue, os.path.dirname(GLUE))
     registration = open(REGISTRATION).read()
     registration = _replace(registration, "TORCH_LIBRARY(i2am_fast, m)", f"TORCH_LIBRARY({library}, m)", "registration")
     registration = registration.replace('#include "', f'#include "{CSRC}/')
