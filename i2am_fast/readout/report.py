@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from typing import Optional
 
-import torch
 from PIL import Image
 
-from .maps import AttributionMaps, imacs
+from .imacs import imacs
+from .maps import AttributionMaps
 from .pictures import contact_sheet, draw_box, heatmap, overlay, to_pil
 
 __all__ = ["write_outputs", "IMAGE_KEYS"]
@@ -120,7 +119,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             labels.append(f"cell {point}")
             m = maps.specific_reference(point)
             tiles.append(_scaled(overlay(reference_base, m, alpha=0.55) if reference_base is not None else heatmap(m, ref_size, mode="bicubic")))
-            labels.append(f"its reference map")
+            labels.append("its reference map")
         save("specific_reference.png", contact_sheet(tiles, labels, columns=2, title="specific-reference maps"))
     tick(5)
 
