@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ..adapters.diffusers_processors import finish, merge_heads, no_attention_mask, project
 from ..api import trace
 from ..ops.reference import attention_with_maps_reference
 from .memory_model import VAE_FACTOR
@@ -32,25 +33,26 @@ METHODS = ("sdpa", "i2am_fast", "materialised")
 
 class MaterialisingProcessor:
     """The authors' approach: attention through the materialising reference in float32, and
-    the full [H, Nq, Nk] attention of the mapped batch entry kept per layer (one time group)."""
+    the full [H, Nq, Nk] attention of the mapped batch entries kept per layer (one time group).
+
+    Everything around the attention is ``AttnProcessor2_0``'s own prologue and epilogue, as in
+    the traced processor (spatial norm, group norm, ``norm_cross``, ``norm_q``/``norm_k``, output
+    projection, residual, rescale), so the three approaches run the same model."""
 
     def __init__(self, store: dict, name: str, map_batch):
         self.store, self.name, self.map_batch = store, name, map_batch
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        b, n, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+        no_attention_mask(attention_mask, self.name)
+        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        q, k, v = p.query, p.key, p.value
         out = attention_with_maps_reference(q, k, v, map_batch=self.map_batch, compute_dtype=torch.float32).output
-        scores = torch.matmul(q[self.map_batch].float(), k[self.map_batch].float().transpose(-1, -2)) * d**-0.5
+        scores = torch.matmul(q[self.map_batch].float(), k[self.map_batch].float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         stored = self.store.get(self.name)
         attention = torch.softmax(scores, dim=-1)
         self.store[self.name] = attention if stored is None else stored + attention
         del scores
-        out = out.to(q.dtype).transpose(1, 2).reshape(b, n, attn.heads * d)
-        return attn.to_out[1](attn.to_out[0](out))
+        return finish(attn, merge_heads(out, q.dtype), p)
 
 
 def _spatial_key_hooks(unet, batch: int, dtype, device, generator):
