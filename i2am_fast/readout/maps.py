@@ -25,7 +25,11 @@ import torch
 from .files import read_maps_file, write_maps_file
 from .resize import PIXEL_THRESHOLD, normalize_map, pixel_map, resize_map
 
-__all__ = ["AttributionMaps", "LayerInfo"]
+__all__ = ["AttributionMaps", "LayerInfo", "DEFAULT_VAE_SCALE_FACTOR"]
+
+# Pixels per latent cell when nothing says otherwise (Stable Diffusion's VAE; maps files
+# written before the factor was recorded).
+DEFAULT_VAE_SCALE_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class AttributionMaps:
         cfg: str = "cond",
         image_entries: Sequence[str] = (),
         images: Optional[dict[str, torch.Tensor]] = None,
+        vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
     ):
         self.layers = list(layers)
         self.latent_grid = (int(latent_grid[0]), int(latent_grid[1]))
@@ -86,6 +91,8 @@ class AttributionMaps:
         self.probe_points = [(int(r), int(c)) for r, c in probe_points]
         self.cfg = cfg
         self.image_entries = list(image_entries)
+        # Pixels per latent cell of the traced model's image codec (the demo model's is 4).
+        self.vae_scale_factor = int(vae_scale_factor)
         # Pictures of the run (generated image, inputs, masks) kept with the maps, if any.
         self.images = dict(images or {})
         self._generated = dict(generated)
@@ -178,10 +185,15 @@ class AttributionMaps:
                              f"(0..{self.num_images - 1}).")
 
     # ------------------------------------------------------------------ files
+    def with_images(self, images: dict[str, torch.Tensor]) -> "AttributionMaps":
+        """The same maps (sharing their state, not copying it) with ``images`` as :attr:`images`."""
+        return AttributionMaps(self.layers, self._generated, self._reference, self._probes, images=images,
+                               **self._settings())
+
     def _settings(self) -> dict:
         return {"latent_grid": list(self.latent_grid), "time_groups": self.time_groups, "num_steps": self.num_steps,
                 "probe_points": [list(p) for p in self.probe_points], "cfg": self.cfg,
-                "image_entries": self.image_entries}
+                "image_entries": self.image_entries, "vae_scale_factor": self.vae_scale_factor}
 
     def save(self, path: str) -> None:
         """Writes the state (and :attr:`images`) as safetensors, with the layer table and settings
@@ -198,7 +210,8 @@ class AttributionMaps:
         return cls(layers, state["generated"], state["reference"], state["probes"],
                    latent_grid=tuple(meta["latent_grid"]), time_groups=meta["time_groups"],
                    num_steps=meta["num_steps"], probe_points=[tuple(p) for p in meta["probe_points"]],
-                   cfg=meta["cfg"], image_entries=meta.get("image_entries", []), images=images)
+                   cfg=meta["cfg"], image_entries=meta.get("image_entries", []), images=images,
+                   vae_scale_factor=meta.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR))
 
     def __repr__(self) -> str:
         return (f"AttributionMaps({len(self.layers)} layers, latent grid {self.latent_grid}, reference grid "

@@ -80,8 +80,11 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
     tick(1)
 
     generated_base, reference_base = pil.get("generated"), pil.get("garment")
-    gen_size = (generated_base.height, generated_base.width) if generated_base else (maps.latent_grid[0] * 8, maps.latent_grid[1] * 8)
-    ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(8 * v for v in maps.reference_grid)
+    # Without the pictures: the generated map at the model's image size; the reference map
+    # drawn at the same number of pixels per token (only a display size).
+    factor = maps.vae_scale_factor
+    gen_size = (generated_base.height, generated_base.width) if generated_base else tuple(factor * v for v in maps.latent_grid)
+    ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(factor * v for v in maps.reference_grid)
     g_all, r_all = maps.generated(), maps.reference()
     save("generated_map.png", heatmap(g_all, gen_size, mode="nearest"))
     save("reference_map.png", heatmap(r_all, ref_size, mode="nearest"))
@@ -134,8 +137,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             json.dump(scores, f, indent=2)
         written["imacs.json"] = path
     maps_path = os.path.join(out_dir, "maps.safetensors")
-    maps.images = images
-    maps.save(maps_path)
+    maps.with_images(images).save(maps_path)  # the caller's maps stay as they are
     written["maps.safetensors"] = maps_path
     tick(6)
 

@@ -157,4 +157,5 @@ class Tracer:
             probe_points=self.probe_points,
             cfg=self.cfg,
             image_entries=list(self._image_entries),
+            vae_scale_factor=self.vae_scale_factor,
         )
