@@ -1,4 +1,4 @@
-"""The memory profiler's analytic figures against hand-computed ones (SPEC.md) and a real UNet."""
+"""The memory profiler's analytic figures against hand-computed ones (docs/design.md, "Memory") and a real UNet."""
 
 import json
 

@@ -1,4 +1,4 @@
-// CUDA kernels of i2am_fast::attention_with_maps (SPEC.md, "The kernel"), mirroring
+// CUDA kernels of i2am_fast::attention_with_maps (docs/design.md, "The kernels"), mirroring
 // csrc/cpu/attention_with_maps_cpu.cpp:
 //
 //   pass 1   one CTA per (query block, batch entry x head): online softmax over key blocks gives

@@ -30,7 +30,7 @@ int query_block_size(ElementType dtype, int padded_dim);
 // Dynamic shared memory per CTA of the largest kernel for this element type and padded width.
 int shared_memory_bytes(ElementType dtype, int padded_dim);
 
-// One call. Sizes as in SPEC.md: q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], each with
+// One call. Sizes as in docs/design.md: q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], each with
 // unit stride along its last dim and the element strides given for (batch, head, token).
 struct AttentionMapsLaunch {
   ElementType dtype = ElementType::kFloat32;
