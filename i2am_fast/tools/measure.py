@@ -132,7 +132,7 @@ def measure_step(config: dict, height: int, width: int, conditioning: str, metho
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_resident_bytes()
     finally:
         for handle in hooks:
             handle.remove()
@@ -147,6 +147,17 @@ def _resident_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_resident_bytes() -> int:
+    """This process's peak resident set size: VmHWM from /proc, which the kernel counts the same
+    way as the current size above (getrusage's figure may lag it by a few hundred kB)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
