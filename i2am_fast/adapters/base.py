@@ -220,6 +220,14 @@ class ModelAdapter(abc.ABC):
         """Registers how to undo one interception."""
         self._undo.append(undo)
 
+    def replace_attribute(self, owner, name: str, value) -> None:
+        """Sets ``owner.name = value`` (e.g. a module's ``forward``, for families whose attention
+        has no processor slot) and remembers how to put the original back."""
+        had_own = name in vars(owner)
+        original = vars(owner).get(name)
+        self.remember(lambda: setattr(owner, name, original) if had_own else delattr(owner, name))
+        setattr(owner, name, value)
+
     def restore(self) -> None:
         """Undoes every interception, last first; safe to call twice."""
         while self._undo:
