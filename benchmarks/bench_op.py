@@ -72,7 +72,7 @@ def main() -> None:
 
     import torch
 
-    from i2am_fast.profile import describe_machine
+    from i2am_fast.tools.machine import describe_machine
 
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {n: {m: [] for m in METHODS} for n in sizes}

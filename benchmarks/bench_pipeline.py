@@ -5,7 +5,7 @@ batch is [uncond, cond] with maps for the conditional half. Three kinds of condi
 one token (Paint-by-Example), 257 patch tokens (the paper's custom model), and spatial keys
 at every cross-attention layer (StableVITON-like, Nk = Nq). For each: no attribution (SDPA),
 i2am_fast tracing, and the materialising approach of the paper's authors (skipped, with its
-predicted size from i2am_fast.profile, when it would not fit in memory).
+predicted size from i2am_fast.tools.memory_model, when it would not fit in memory).
 
 On CPU every measurement runs in a fresh process (peak resident memory is the process's own),
 rounds alternate the approaches, and each figure is the median over rounds. On CUDA one process
@@ -27,7 +27,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from i2am_fast.profile import SD15_UNET_CONFIG, build_unet, cross_attention_layers, describe_machine, measure_step, memory_rows
+from i2am_fast.tools.machine import describe_machine
+from i2am_fast.tools.measure import build_unet, measure_step
+from i2am_fast.tools.memory_model import SD15_UNET_CONFIG, cross_attention_layers, memory_rows
 
 # ---------------------------------------------------------------- configuration
 # CPU sizes: 1024x768 takes about 90 s per fresh process on 2 cores; everything finishes in about an hour.
@@ -54,7 +56,7 @@ def predicted_materialised_bytes(height, width, conditioning) -> float:
 
 def measure_in_fresh_process(height, width, conditioning, method, steps, env=None) -> dict:
     # The same one-measurement entry point as `i2am-fast profile --measure` (float32 on the CPU).
-    cmd = [sys.executable, "-m", "i2am_fast.profile", json.dumps(SD15_UNET_CONFIG), str(height), str(width),
+    cmd = [sys.executable, "-m", "i2am_fast.tools.measure", json.dumps(SD15_UNET_CONFIG), str(height), str(width),
            conditioning, method, "cpu", str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else dict(os.environ, **env))
     if out.returncode != 0:

@@ -10,7 +10,7 @@ import torch
 from i2am_fast.demo.model import build_demo_model
 from i2am_fast.demo.sample import make_sample, masked_person
 from i2am_fast.demo.train import HELD_OUT_SEED
-from i2am_fast.pictures import contact_sheet, to_pil
+from i2am_fast.readout.pictures import contact_sheet, to_pil
 
 SAMPLES = [0, 1, 2, 3]
 STEPS, GUIDANCE = 20, 5.0

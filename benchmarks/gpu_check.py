@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One-shot GPU check of the CUDA attention-with-maps kernels (issue 3).
+"""One-shot GPU check of the CUDA attention-with-maps kernels (docs/design.md, "The kernels").
 
     python benchmarks/gpu_check.py            # from the repository root, on a CUDA machine
 

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(i2am_fast, m) {
-  // Attention output and the three I²AM maps of one cross-attention call (SPEC.md).
+  // Attention output and the three I²AM maps of one cross-attention call (docs/design.md).
   m.def(
       "attention_with_maps(Tensor q, Tensor k, Tensor v, float? scale=None, Tensor? query_weights=None, "
       "Tensor? probe_index=None, int[]? map_batch=None) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -5,14 +5,19 @@ reference and specific-reference attribution maps of I²AM without ever storing 
 ``Nq x Nk`` attention matrix; ``reference.attention_with_maps_reference`` is the
 materialising float64 definition it is tested against. ``trace`` puts the op into a
 diffusers pipeline and returns every map of the paper as ``AttributionMaps``.
+
+The package by role: ``ops`` (the operators), ``tracing`` (the tracing core), ``adapters``
+(one per model family), ``readout`` (maps, files, IMACS, pictures, report), ``tools`` (memory
+model and measuring), ``cli`` (the ``i2am-fast`` command), ``demo`` (the embedded model).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from ._C import with_cuda as built_with_cuda
-from .maps import AttributionMaps, LayerInfo, imacs
+from .api import trace
 from .ops import AttentionWithMaps, attention_with_maps, attention_with_maps_accumulate, reference
-from .tracer import Tracer, trace
+from .readout import AttributionMaps, LayerInfo, imacs
+from .tracing import TraceOptions, Tracer
 
 __version__ = "0.1.0"
 
@@ -20,6 +25,7 @@ __all__ = [
     "AttentionWithMaps",
     "AttributionMaps",
     "LayerInfo",
+    "TraceOptions",
     "Tracer",
     "trace",
     "attention_with_maps",

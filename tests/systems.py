@@ -10,7 +10,7 @@ to know to compute the expected maps independently of the tracer: the latent gri
 number of denoising steps, how classifier-free guidance is batched, each cross-attention
 layer's generated grid and reference-grid layout.
 
-The systems (SPEC.md, "The systems of the paper"):
+The systems (docs/design.md, "Supported systems"):
 
 1. ``paint_by_example()``: diffusers ``PaintByExamplePipeline`` (one reference token, 1x1).
 2. ``custom_model()``: the paper's custom model: an SD-1.5-style UNet with 12 input channels

@@ -70,6 +70,41 @@ def test_show_round_trips_saved_maps(demo_dir, tmp_path):
         assert torch.equal(a.specific_reference(point), b.specific_reference(point))
 
 
+def test_maps_record_the_vae_scale_factor_and_the_report_uses_it(demo_dir, tmp_path):
+    """The demo model's codec pools by 4, not Stable Diffusion's 8: the maps carry that factor
+    through save/load, and without pictures the report draws the generated map at
+    latent grid x factor pixels."""
+    from i2am_fast.demo.model import DemoConfig
+    from i2am_fast.readout.report import write_outputs
+
+    maps = AttributionMaps.load(os.path.join(demo_dir, "maps.safetensors"))
+    factor = DemoConfig().vae_scale_factor
+    assert maps.vae_scale_factor == factor != 8
+    bare = AttributionMaps(maps.layers, maps._generated, maps._reference, maps._probes, latent_grid=maps.latent_grid,
+                           time_groups=maps.time_groups, num_steps=maps.num_steps, vae_scale_factor=factor)
+    before = dict(vars(bare))
+    write_outputs(bare, str(tmp_path))
+    assert vars(bare).keys() == before.keys() and all(vars(bare)[k] is before[k] for k in before), \
+        "the report changed the caller's maps"
+    with Image.open(tmp_path / "generated_map.png") as img:
+        assert (img.height, img.width) == (maps.latent_grid[0] * factor, maps.latent_grid[1] * factor)
+    assert AttributionMaps.load(str(tmp_path / "maps.safetensors")).vae_scale_factor == factor
+
+
+def test_maps_files_without_a_vae_scale_factor_read_as_8(demo_dir, tmp_path):
+    """Files written before the factor was recorded: the factor the report used to assume."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(os.path.join(demo_dir, "maps.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["i2am_fast"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["vae_scale_factor"]
+    old = str(tmp_path / "old.safetensors")
+    save_file(tensors, old, metadata={"i2am_fast": json.dumps(meta)})
+    assert AttributionMaps.load(old).vae_scale_factor == 8
+
+
 def test_existing_output_folder_is_refused_without_overwrite(demo_dir, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()

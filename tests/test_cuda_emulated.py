@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import i2am_fast
-from test_attention_with_maps import (
+from helpers import (
     SIGMA,
     assert_close_rel,
     check_against_reference,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import i2am_fast
-from i2am_fast.maps import normalize_map, pixel_map, resize_map
+from i2am_fast.readout import normalize_map, pixel_map, resize_map
 
 
 def test_pixel_map_thresholds_the_resized_normalised_map():

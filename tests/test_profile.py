@@ -1,4 +1,4 @@
-"""The memory profiler's analytic figures against hand-computed ones (SPEC.md) and a real UNet."""
+"""The memory profiler's analytic figures against hand-computed ones (docs/design.md, "Memory") and a real UNet."""
 
 import json
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from i2am_fast.cli import main
-from i2am_fast.profile import SD15_UNET_CONFIG, cross_attention_layers, measure_step, memory_rows
+from i2am_fast.tools.measure import measure_step
+from i2am_fast.tools.memory_model import SD15_UNET_CONFIG, cross_attention_layers, memory_rows
 
 MB = 1e6
 
@@ -103,7 +104,7 @@ def test_profile_measure_runs_three_approaches_on_a_pipeline_config(tmp_path, ca
 
 def test_measure_step_reuses_a_built_unet_and_restores_its_processors():
     """The CUDA benchmark's path (one model, several measurements), exercised on the CPU."""
-    from i2am_fast.profile import build_unet
+    from i2am_fast.tools.measure import build_unet
 
     config = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=16,

@@ -1,4 +1,4 @@
-"""Tests of ``i2am_fast.trace`` (issue 4) on tiny random-weight systems (``tests/systems.py``).
+"""Tests of ``i2am_fast.trace`` on tiny random-weight systems (``tests/systems.py``).
 
 What is checked, per system (Paint-by-Example, the paper's custom 12-channel model with CFG as
 one doubled batch and as two calls per step, a StableVITON-like module with spatial keys with
@@ -14,8 +14,8 @@ and without CFG, IP-Adapter, and a UNet whose 7 context tokens need ``reference_
   a line-for-line mirror of diffusers' ``AttnProcessor2_0``, or ``CaptureIPAdapterProcessor``
   for the IP-Adapter image branch) that records ``(layer, step, call within step, q, k, v)``.
   Per call we evaluate ``attention_with_maps_reference`` (float64, materialising) with the
-  ``map_batch`` / ``query_weights`` / ``probe_index`` that SPEC.md and the issue prescribe,
-  accumulate per (layer, time group, image, head), and read the result the way the issue
+  ``map_batch`` / ``query_weights`` / ``probe_index`` that docs/design.md ("What is computed")
+  prescribes, accumulate per (layer, time group, image, head), and read the result the way it
   specifies (bicubic resize + clamp to the common grid, mean over layers and heads or one
   head, optional min-max normalisation, or one layer at its native grid).
 

@@ -1,7 +1,7 @@
 // CPU implementation of i2am_fast::attention_with_maps and its accumulating variant.
 //
 // The score matrix S = q kᵀ scale of one (batch, head) is visited in tiles of kQueryBlock x
-// kKeyBlock and never stored whole (SPEC.md, "The kernel"):
+// kKeyBlock and never stored whole (docs/design.md, "The kernels"):
 //   pass 1  for every batch entry: online softmax over key blocks gives the output and the row
 //           log-sum-exp; for map entries the same tiles give column statistics per query chunk;
 //   combine the column statistics of the chunks into the column log-sum-exp;

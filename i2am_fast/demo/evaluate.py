@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..maps import imacs
-from ..tracer import trace
+from ..api import trace
+from ..readout.imacs import imacs
 from .model import DemoConfig, build_demo_model
 from .sample import make_sample
 from .train import HELD_OUT_SEED

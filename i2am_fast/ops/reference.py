@@ -4,7 +4,7 @@ This is the test oracle for the streaming op and the benchmark baseline for "how
 paper's authors do it": the full score matrix ``S = q·kᵀ·scale`` (``[B, H, Nq, Nk]``) is
 materialised, and so are both of its softmaxes, exactly as the authors' attention hook
 does (with ``compute_dtype=torch.float32``). Do not add chunking here: the point of this
-function is that it materialises. See ``SPEC.md``, table "One cross-attention call".
+function is that it materialises. See docs/design.md, "What is computed".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading attribution maps: aggregate, resize, normalise, save and load (SPEC.md, eq. 5-16).
+"""Reading attribution maps: aggregate, resize, normalise (docs/design.md, "What is computed", eq. 5-16).
 
 The tracer leaves, per traced layer ``l``, float32 state at the layer's own resolution:
 
@@ -12,23 +12,24 @@ The tracer leaves, per traced layer ``l``, float32 state at the layer's own reso
 with ``G`` time groups, ``I`` images and ``H`` heads. Reading a map picks a time group (or sums
 all of them), picks a head (or averages them), resizes each layer's map to a common grid
 (bicubic, clamped at 0, as the paper's authors do) and averages over layers; ``normalize=True``
-then applies min-max normalisation.
+then applies min-max normalisation. The maps file is written and read by :mod:`.files`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["AttributionMaps", "LayerInfo", "imacs", "normalize_map", "pixel_map", "resize_map"]
+from .files import read_maps_file, write_maps_file
+from .resize import PIXEL_THRESHOLD, normalize_map, pixel_map, resize_map
 
-NORMALIZE_EPS = 1e-8
-PIXEL_THRESHOLD = 0.4
-_FORMAT = "i2am_fast.AttributionMaps/1"
+__all__ = ["AttributionMaps", "LayerInfo", "DEFAULT_VAE_SCALE_FACTOR"]
+
+# Pixels per latent cell when nothing says otherwise (Stable Diffusion's VAE; maps files
+# written before the factor was recorded).
+DEFAULT_VAE_SCALE_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -46,42 +47,6 @@ class LayerInfo:
     reference_offset: int
     heads: int
     num_keys: int
-
-
-def resize_map(m: torch.Tensor, size: Sequence[int], mode: str = "bicubic") -> torch.Tensor:
-    """Resizes ``[..., h, w]`` maps to ``size`` (bicubic or bilinear), clamped at 0.
-
-    Bicubic interpolation overshoots below 0 next to sharp edges; clamping, as the paper's
-    authors do, keeps the maps non-negative. Resizing is linear, so resizing a sum of maps
-    equals summing the resized maps.
-    """
-    if mode not in ("bicubic", "bilinear"):
-        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}.")
-    size = (int(size[0]), int(size[1]))
-    if tuple(m.shape[-2:]) == size:
-        return m
-    lead = m.shape[:-2]
-    flat = m.reshape(-1, 1, *m.shape[-2:]).float()
-    out = F.interpolate(flat, size=size, mode=mode, align_corners=False).clamp_min(0)
-    return out.reshape(*lead, *size)
-
-
-def normalize_map(m: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation to [0, 1]: ``(m - min) / (max - min + 1e-8)`` (eq. 7)."""
-    return (m - m.min()) / (m.max() - m.min() + NORMALIZE_EPS)
-
-
-def pixel_map(m: torch.Tensor, size: Sequence[int], threshold: float = PIXEL_THRESHOLD, mode: str = "bicubic") -> torch.Tensor:
-    """A normalised map at pixel resolution with small values removed (eq. 8-9).
-
-    ``m`` ``[h, w]`` (normalised, as the readers return it by default) is resized to
-    ``size = (H, W)`` and clamped at 0, then values at or below ``threshold`` are set to 0:
-    ``m_hat = m * 1(m > threshold)``.
-    """
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
-    up = resize_map(m, size, mode)
-    return up * (up > threshold)
 
 
 class AttributionMaps:
@@ -117,6 +82,7 @@ class AttributionMaps:
         cfg: str = "cond",
         image_entries: Sequence[str] = (),
         images: Optional[dict[str, torch.Tensor]] = None,
+        vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
     ):
         self.layers = list(layers)
         self.latent_grid = (int(latent_grid[0]), int(latent_grid[1]))
@@ -125,6 +91,8 @@ class AttributionMaps:
         self.probe_points = [(int(r), int(c)) for r, c in probe_points]
         self.cfg = cfg
         self.image_entries = list(image_entries)
+        # Pixels per latent cell of the traced model's image codec (the demo model's is 4).
+        self.vae_scale_factor = int(vae_scale_factor)
         # Pictures of the run (generated image, inputs, masks) kept with the maps, if any.
         self.images = dict(images or {})
         self._generated = dict(generated)
@@ -217,126 +185,35 @@ class AttributionMaps:
                              f"(0..{self.num_images - 1}).")
 
     # ------------------------------------------------------------------ files
+    def with_images(self, images: dict[str, torch.Tensor]) -> "AttributionMaps":
+        """The same maps (sharing their state, not copying it) with ``images`` as :attr:`images`."""
+        return AttributionMaps(self.layers, self._generated, self._reference, self._probes, images=images,
+                               **self._settings())
+
+    def _settings(self) -> dict:
+        return {"latent_grid": list(self.latent_grid), "time_groups": self.time_groups, "num_steps": self.num_steps,
+                "probe_points": [list(p) for p in self.probe_points], "cfg": self.cfg,
+                "image_entries": self.image_entries, "vae_scale_factor": self.vae_scale_factor}
+
     def save(self, path: str) -> None:
         """Writes the state (and :attr:`images`) as safetensors, with the layer table and settings
         as JSON metadata."""
-        from safetensors.torch import save_file
-
-        tensors = {}
-        for info in self.layers:
-            tensors[f"{info.name}::generated"] = self._generated[info.name].detach().cpu().contiguous()
-            tensors[f"{info.name}::reference"] = self._reference[info.name].detach().cpu().contiguous()
-            if info.name in self._probes:
-                tensors[f"{info.name}::probes"] = self._probes[info.name].detach().cpu().contiguous()
-        for key, image in self.images.items():
-            tensors[f"image::{key}"] = image.detach().float().cpu().contiguous()
-        meta = {
-            "format": _FORMAT,
-            "layers": [asdict(info) for info in self.layers],
-            "latent_grid": list(self.latent_grid),
-            "time_groups": self.time_groups,
-            "num_steps": self.num_steps,
-            "probe_points": [list(p) for p in self.probe_points],
-            "cfg": self.cfg,
-            "image_entries": self.image_entries,
-        }
-        save_file(tensors, path, metadata={"i2am_fast": json.dumps(meta)})
+        state = {"generated": self._generated, "reference": self._reference, "probes": self._probes}
+        write_maps_file(path, self.layers, state, self.images, self._settings())
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "AttributionMaps":
         """Reads maps written by :meth:`save`."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            raw = (f.metadata() or {}).get("i2am_fast")
-            if raw is None:
-                raise ValueError(f"{path} has no i2am_fast metadata; it was not written by AttributionMaps.save.")
-            meta = json.loads(raw)
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} holds format {meta.get('format')!r}; this version reads {_FORMAT!r}.")
-            layers = [LayerInfo(d["name"], tuple(d["generated_grid"]), tuple(d["reference_grid"]),
-                                d["reference_offset"], d["heads"], d["num_keys"]) for d in meta["layers"]]
-            keys = set(f.keys())
-            generated = {i.name: f.get_tensor(f"{i.name}::generated") for i in layers}
-            reference = {i.name: f.get_tensor(f"{i.name}::reference") for i in layers}
-            probes = {i.name: f.get_tensor(f"{i.name}::probes") for i in layers if f"{i.name}::probes" in keys}
-            images = {k[len("image::"):]: f.get_tensor(k) for k in keys if k.startswith("image::")}
-        return cls(layers, generated, reference, probes, latent_grid=tuple(meta["latent_grid"]),
-                   time_groups=meta["time_groups"], num_steps=meta["num_steps"],
-                   probe_points=[tuple(p) for p in meta["probe_points"]], cfg=meta["cfg"],
-                   image_entries=meta.get("image_entries", []), images=images)
+        layer_dicts, state, images, meta = read_maps_file(path, device)
+        layers = [LayerInfo(d["name"], tuple(d["generated_grid"]), tuple(d["reference_grid"]),
+                            d["reference_offset"], d["heads"], d["num_keys"]) for d in layer_dicts]
+        return cls(layers, state["generated"], state["reference"], state["probes"],
+                   latent_grid=tuple(meta["latent_grid"]), time_groups=meta["time_groups"],
+                   num_steps=meta["num_steps"], probe_points=[tuple(p) for p in meta["probe_points"]],
+                   cfg=meta["cfg"], image_entries=meta.get("image_entries", []), images=images,
+                   vae_scale_factor=meta.get("vae_scale_factor", DEFAULT_VAE_SCALE_FACTOR))
 
     def __repr__(self) -> str:
         return (f"AttributionMaps({len(self.layers)} layers, latent grid {self.latent_grid}, reference grid "
                 f"{self.reference_grid}, {self.time_groups} time groups over {self.num_steps} steps, "
                 f"{self.num_images} image(s), probes {self.probe_points})")
-
-
-def _mask_2d(mask, name: str) -> torch.Tensor:
-    """A [H, W] float mask with values in [0, 1] (1 = inside the region)."""
-    m = torch.as_tensor(mask)
-    while m.dim() > 2 and m.shape[0] == 1:
-        m = m[0]
-    if m.dim() != 2:
-        raise ValueError(f"{name} must be a single-channel [H, W] mask, got shape {list(m.shape)}.")
-    m = m.detach().float().cpu()
-    if torch.isnan(m).any() or m.min() < 0 or m.max() > 1:
-        raise ValueError(f"{name} values must lie in [0, 1] (1 = inside the region); scale it, e.g. mask / 255.")
-    inside, outside = m.sum().item(), (1 - m).sum().item()
-    if inside <= 0:
-        raise ValueError(f"{name} is empty (no pixel inside the region); IMACS needs a non-empty region.")
-    if outside <= 0:
-        raise ValueError(f"{name} covers the whole image; IMACS needs pixels outside the region too.")
-    return m
-
-
-def _consistency(attribution, mask: torch.Tensor, name: str, lam: float, threshold: float) -> dict:
-    m = torch.as_tensor(attribution).detach().float().cpu()
-    if m.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D [h, w] map, got shape {list(m.shape)}.")
-    # eq. 7-9: normalise, resize to the mask's pixels (bicubic, clamped), threshold; clamping
-    # at 1 keeps bicubic overshoot from leaving IMACS's range [-lambda, 1].
-    m_hat = pixel_map(normalize_map(m), mask.shape, threshold).clamp_max(1.0)
-    inside = (m_hat * mask).sum().item() / mask.sum().item()
-    outside = (m_hat * (1 - mask)).sum().item() / (1 - mask).sum().item()
-    return {"score": inside - lam * outside, "inside": inside, "outside": outside}
-
-
-def imacs(generated_map, inpaint_mask, reference_map=None, reference_mask=None, lam: float = 3.0,
-          threshold: float = PIXEL_THRESHOLD) -> dict:
-    """Inpainting Mask Attention Consistency Score (eq. 18).
-
-    ``IMACS = mean(m_hat * x over x) - lam * mean(m_hat * (1 - x) over 1 - x)`` where ``m_hat``
-    is the attribution map normalised to [0, 1], resized to the mask's size (bicubic, clamped)
-    and thresholded (eq. 7-9), and ``x`` the mask. Range ``[-lam, 1]``; higher is better.
-
-    Args:
-        generated_map: ``[h, w]`` generated-image map (e.g. ``maps.generated(normalize=False)``).
-        inpaint_mask: ``[H, W]`` inpainting mask, 1 = the region to fill (VITON's agnostic mask),
-            values in [0, 1]; its size is the pixel grid of IMACS_g.
-        reference_map: ``[h_I, w_I]`` reference map, traced with the inpainting mask as
-            ``inpaint_mask`` so that it is weighted by it (eq. 17). Optional.
-        reference_mask: ``[H_I, W_I]`` reference (cloth) mask, 1 = the object; required with
-            ``reference_map``.
-        lam: penalty ``lambda`` for attribution outside the mask (paper: 3).
-        threshold: ``m_hat = m * 1(m > threshold)`` (paper: 0.4).
-
-    Returns:
-        ``{"imacs_g", "imacs_r" (None without a reference map), "parts": {"g": {"inside",
-        "outside"}, "r": ...}, "lambda", "threshold"}``, where inside/outside are the two
-        means of eq. 18.
-    """
-    if not lam >= 0:
-        raise ValueError(f"lam must be a non-negative number, got {lam}.")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must lie in [0, 1), got {threshold}.")
-    g = _consistency(generated_map, _mask_2d(inpaint_mask, "inpaint_mask"), "generated_map", lam, threshold)
-    result = {"imacs_g": g["score"], "imacs_r": None, "parts": {"g": {"inside": g["inside"], "outside": g["outside"]}},
-              "lambda": lam, "threshold": threshold}
-    if (reference_map is None) != (reference_mask is None):
-        raise ValueError("pass reference_map and reference_mask together (IMACS_r needs both), or neither.")
-    if reference_map is not None:
-        r = _consistency(reference_map, _mask_2d(reference_mask, "reference_mask"), "reference_map", lam, threshold)
-        result["imacs_r"] = r["score"]
-        result["parts"]["r"] = {"inside": r["inside"], "outside": r["outside"]}
-    return result

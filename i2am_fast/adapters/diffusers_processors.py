@@ -3,8 +3,9 @@
 Each processor repeats the body of the diffusers processor it replaces (spatial norm, 4-D
 inputs, group norm, ``norm_cross``, ``norm_q``/``norm_k``, output projection, residual,
 rescale), so a traced model computes exactly what it computes untraced, and hands the
-attention itself to its :class:`~i2am_fast.tracer.TracedLayer`, which runs
-``attention_with_maps_accumulate`` and adds the maps into the trace's state.
+attention itself to the :class:`~i2am_fast.adapters.base.AttentionSink` of its traced layer,
+with the token layout of the call. :func:`project` and :func:`finish` are
+``AttnProcessor2_0``'s prologue and epilogue, shared with the measuring harness.
 
 diffusers' ``Attention.forward`` passes a processor only the keyword arguments its
 ``__call__`` declares, so every keyword a processor needs is spelled out.
@@ -17,15 +18,16 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .base import PLAIN_LAYOUT, AttentionSink, QueryTokens, TokenLayout
+
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
 
-    from .tracer import TracedLayer
+__all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor", "Projected", "finish", "merge_heads", "no_attention_mask",
+           "project"]
 
-__all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor"]
 
-
-def _no_attention_mask(attention_mask, layer_name: str) -> None:
+def no_attention_mask(attention_mask, layer_name: str) -> None:
     if attention_mask is not None:
         raise ValueError(
             f"layer {layer_name} was called with an attention mask; i2am_fast's streaming op has no "
@@ -34,7 +36,7 @@ def _no_attention_mask(attention_mask, layer_name: str) -> None:
         )
 
 
-class _Projected(NamedTuple):
+class Projected(NamedTuple):
     """What both processors compute before the attention itself (AttnProcessor2_0's prologue)."""
 
     query: torch.Tensor  # [B, H, Nq, d]
@@ -45,7 +47,7 @@ class _Projected(NamedTuple):
     attention_mask: Optional[torch.Tensor]  # prepared for SDPA, [B, H, ., Nk]
 
 
-def _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, qk_norm: bool) -> _Projected:
+def project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *, qk_norm: bool) -> Projected:
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -86,16 +88,16 @@ def _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-    return _Projected(query, key, value, residual, input_shape, attention_mask)
+    return Projected(query, key, value, residual, input_shape, attention_mask)
 
 
-def _merge_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def merge_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, d] -> [B, N, H*d] in ``dtype``."""
     batch_size, heads, _, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(dtype)
 
 
-def _finish(attn, hidden_states: torch.Tensor, p: _Projected) -> torch.Tensor:
+def finish(attn, hidden_states: torch.Tensor, p: Projected) -> torch.Tensor:
     """AttnProcessor2_0's epilogue: output projection, dropout, 4-D shape, residual, rescale."""
     hidden_states = attn.to_out[0](hidden_states)  # linear projection
     hidden_states = attn.to_out[1](hidden_states)  # dropout
@@ -106,8 +108,11 @@ def _finish(attn, hidden_states: torch.Tensor, p: _Projected) -> torch.Tensor:
     return hidden_states / attn.rescale_output_factor
 
 
-def _spatial_grid(p: _Projected) -> Optional[tuple[int, int]]:
-    return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
+def _layout(p: Projected) -> TokenLayout:
+    """Every query generated, every key reference; a 4-D input names its own query grid."""
+    if p.input_shape is None:
+        return PLAIN_LAYOUT
+    return TokenLayout(queries=QueryTokens(grid=(p.input_shape[2], p.input_shape[3])))
 
 
 class I2AMAttnProcessor:
@@ -117,7 +122,7 @@ class I2AMAttnProcessor:
     for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``.
     """
 
-    def __init__(self, layer: "TracedLayer", scale: Optional[float] = None):
+    def __init__(self, layer: AttentionSink, scale: Optional[float] = None):
         self.layer = layer
         self.scale = scale
 
@@ -131,10 +136,10 @@ class I2AMAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        _no_attention_mask(attention_mask, self.layer.name)
-        p = _project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
-        out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, spatial_grid=_spatial_grid(p))
-        return _finish(attn, _merge_heads(out, p.query.dtype), p)
+        no_attention_mask(attention_mask, self.layer.name)
+        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=_layout(p))
+        return finish(attn, merge_heads(out, p.query.dtype), p)
 
 
 class I2AMIPAdapterAttnProcessor:
@@ -147,7 +152,7 @@ class I2AMIPAdapterAttnProcessor:
     applies no ``norm_q`` / ``norm_k``.
     """
 
-    def __init__(self, original, layers: list["TracedLayer"]):
+    def __init__(self, original, layers: list[AttentionSink]):
         self.original = original
         self.layers = layers
 
@@ -173,14 +178,14 @@ class I2AMIPAdapterAttnProcessor:
                 "run without masks or exclude the layer with trace(..., layers=...)."
             )
         encoder_hidden_states, ip_hidden_states = encoder_hidden_states
-        p = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, qk_norm=False)
+        p = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb, qk_norm=False)
         batch_size, heads, _, head_dim = p.query.shape
 
         # The text branch, exactly as diffusers computes it.
         text = F.scaled_dot_product_attention(
             p.query, p.key, p.value, attn_mask=p.attention_mask, dropout_p=0.0, is_causal=False
         )
-        hidden_states = _merge_heads(text, p.query.dtype)
+        hidden_states = merge_heads(text, p.query.dtype)
 
         # The image branches, traced.
         original = self.original
@@ -195,7 +200,7 @@ class I2AMIPAdapterAttnProcessor:
                 continue
             ip_key = to_k_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
             ip_value = to_v_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
-            branch = layer.attend(p.query, ip_key, ip_value, scale=None, spatial_grid=_spatial_grid(p))
-            hidden_states = hidden_states + ip_scale * _merge_heads(branch, p.query.dtype)
+            branch = layer.attend(p.query, ip_key, ip_value, scale=None, layout=_layout(p))
+            hidden_states = hidden_states + ip_scale * merge_heads(branch, p.query.dtype)
 
-        return _finish(attn, hidden_states, p)
+        return finish(attn, hidden_states, p)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .maps import normalize_map, resize_map
+from .resize import normalize_map, resize_map
 
 __all__ = ["JET", "contact_sheet", "draw_box", "heatmap", "overlay", "to_pil"]
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from typing import Optional
 
-import torch
 from PIL import Image
 
-from .maps import AttributionMaps, imacs
+from .imacs import imacs
+from .maps import AttributionMaps
 from .pictures import contact_sheet, draw_box, heatmap, overlay, to_pil
 
 __all__ = ["write_outputs", "IMAGE_KEYS"]
@@ -81,8 +80,11 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
     tick(1)
 
     generated_base, reference_base = pil.get("generated"), pil.get("garment")
-    gen_size = (generated_base.height, generated_base.width) if generated_base else (maps.latent_grid[0] * 8, maps.latent_grid[1] * 8)
-    ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(8 * v for v in maps.reference_grid)
+    # Without the pictures: the generated map at the model's image size; the reference map
+    # drawn at the same number of pixels per token (only a display size).
+    factor = maps.vae_scale_factor
+    gen_size = (generated_base.height, generated_base.width) if generated_base else tuple(factor * v for v in maps.latent_grid)
+    ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(factor * v for v in maps.reference_grid)
     g_all, r_all = maps.generated(), maps.reference()
     save("generated_map.png", heatmap(g_all, gen_size, mode="nearest"))
     save("reference_map.png", heatmap(r_all, ref_size, mode="nearest"))
@@ -120,7 +122,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             labels.append(f"cell {point}")
             m = maps.specific_reference(point)
             tiles.append(_scaled(overlay(reference_base, m, alpha=0.55) if reference_base is not None else heatmap(m, ref_size, mode="bicubic")))
-            labels.append(f"its reference map")
+            labels.append("its reference map")
         save("specific_reference.png", contact_sheet(tiles, labels, columns=2, title="specific-reference maps"))
     tick(5)
 
@@ -135,8 +137,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             json.dump(scores, f, indent=2)
         written["imacs.json"] = path
     maps_path = os.path.join(out_dir, "maps.safetensors")
-    maps.images = images
-    maps.save(maps_path)
+    maps.with_images(images).save(maps_path)  # the caller's maps stay as they are
     written["maps.safetensors"] = maps_path
     tick(6)
 
