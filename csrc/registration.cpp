@@ -1,11 +1,12 @@
 // The operator schemas, registered once for every back end, and the Python module that loads
-// them. Back ends add kernels with TORCH_LIBRARY_IMPL in their own files; the fake (meta)
-// kernels for torch.compile are registered from Python (i2am_fast/ops.py).
+// them. Back ends add their accumulate kernel with TORCH_LIBRARY_IMPL in their own files; the
+// functional op is registered once for all of them (attention_with_maps_composite.cpp); the fake
+// kernels for torch.compile are registered from Python (i2am_fast/ops/wrappers.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(i2am_fast, m) {
-  // Attention output and the three I²AM maps of one cross-attention call (SPEC.md).
+  // Attention output and the three I²AM maps of one cross-attention call (docs/design.md).
   m.def(
       "attention_with_maps(Tensor q, Tensor k, Tensor v, float? scale=None, Tensor? query_weights=None, "
       "Tensor? probe_index=None, int[]? map_batch=None) -> (Tensor, Tensor, Tensor, Tensor)");

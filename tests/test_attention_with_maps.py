@@ -730,6 +730,16 @@ def test_opcheck_attention_with_maps_accumulate(device, case):
     torch.library.opcheck(torch.ops.i2am_fast.attention_with_maps_accumulate.default, (q, k, v) + accs, kwargs)
 
 
+def test_functional_op_is_one_composite_kernel_over_accumulate():
+    """Each back end registers only the accumulating kernel; the functional op is registered once
+    (zeros + accumulate through the dispatcher), so the two cannot compute different things."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    functional, accumulate = "i2am_fast::attention_with_maps", "i2am_fast::attention_with_maps_accumulate"
+    assert has(functional, "CompositeExplicitAutograd")
+    assert not has(functional, "CPU")
+    assert has(accumulate, "CPU") and not has(accumulate, "CompositeExplicitAutograd")
+
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()

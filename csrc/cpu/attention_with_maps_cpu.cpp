@@ -1,4 +1,5 @@
-// CPU implementation of i2am_fast::attention_with_maps and its accumulating variant.
+// CPU implementation of i2am_fast::attention_with_maps_accumulate (the functional op is zeros plus
+// this one, registered once for every back end in ../attention_with_maps_composite.cpp).
 //
 // The score matrix S = q kᵀ scale of one (batch, head) is visited in tiles of kQueryBlock x
 // kKeyBlock and never stored whole (SPEC.md, "The kernel"):
@@ -461,22 +462,6 @@ at::Tensor run_cpu(
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_maps_cpu(
-    const at::Tensor& q,
-    const at::Tensor& k,
-    const at::Tensor& v,
-    std::optional<double> scale,
-    const std::optional<at::Tensor>& query_weights,
-    const std::optional<at::Tensor>& probe_index,
-    at::OptionalIntArrayRef map_batch) {
-  const AttentionMapsProblem problem =
-      check_attention_with_maps_inputs(kOpName, q, k, v, scale, query_weights, probe_index, map_batch, true);
-  check_cpu(q);
-  auto [generated, reference, probes] = make_map_accumulators(problem, q);
-  at::Tensor output = run_cpu(problem, q, k, v, generated, reference, &probes);
-  return {output, generated, reference, probes};
-}
-
 at::Tensor attention_with_maps_accumulate_cpu(
     const at::Tensor& q,
     const at::Tensor& k,
@@ -498,7 +483,6 @@ at::Tensor attention_with_maps_accumulate_cpu(
 }
 
 TORCH_LIBRARY_IMPL(i2am_fast, CPU, m) {
-  m.impl("attention_with_maps", &attention_with_maps_cpu);
   m.impl("attention_with_maps_accumulate", &attention_with_maps_accumulate_cpu);
 }
 

@@ -2,13 +2,12 @@
 
 The operators themselves are C++ (``csrc/``), registered as ``torch.ops.i2am_fast.*`` when
 ``i2am_fast._C`` is imported. The fake kernels below let ``torch.compile`` and
-``torch.export`` trace them: they check the arguments the way the C++ kernels do and return
-empty tensors of the right shapes.
+``torch.export`` trace them: they only compute the output shapes (the argument checks are the
+C++ kernels' own and run with them).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -19,9 +18,6 @@ from .types import AttentionWithMaps
 __all__ = ["attention_with_maps", "attention_with_maps_accumulate", "AttentionWithMaps"]
 
 IndexList = Union[Sequence[int], torch.Tensor, range, None]
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _batch_index_list(map_batch: IndexList) -> Optional[list[int]]:
     """Normalises map_batch to a list of Python ints (or None for every batch entry)."""
@@ -59,71 +55,22 @@ def _probe_tensor(probe_index: Union[torch.Tensor, Sequence[int], None]) -> Opti
     )
 
 
-def _check_inputs(op, q, k, v, scale, query_weights, probe_index, map_batch):
-    """The C++ checks, for the fake kernels. Returns (Bm, P)."""
-    layouts = {
-        "q": "[batch, heads, queries, head_dim]",
-        "k": "[batch, heads, keys, head_dim]",
-        "v": "[batch, heads, keys, value_dim]",
-    }
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be a 4-D tensor {layouts[name]}, got shape {list(t.shape)}.")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}.")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{op}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}.")
-    allowed = _SUPPORTED_DTYPES + ((torch.float64,) if q.device.type == "cpu" else ())
-    if q.dtype not in allowed:
-        raise ValueError(f"{op}: q has dtype {q.dtype}; supported are {', '.join(str(d) for d in allowed)} on {q.device.type}.")
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{op}: q, k and v must have the same batch size (dim 0), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}.")
-    if k.shape[1] != H or v.shape[1] != H:
-        raise ValueError(f"{op}: q, k and v must have the same number of heads (dim 1), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}.")
-    if k.shape[3] != D:
-        raise ValueError(f"{op}: k's head_dim (dim 3) must equal q's, got q {list(q.shape)} and k {list(k.shape)}.")
-    Nk = k.shape[2]
-    if v.shape[2] != Nk:
-        raise ValueError(f"{op}: v must have as many keys (dim 2) as k, got k {list(k.shape)} and v {list(v.shape)}.")
-    for name, size in (("q (queries, dim 2)", Nq), ("k (keys, dim 2)", Nk), ("q and k (head_dim)", D), ("v (value_dim)", v.shape[3])):
-        if size < 1:
-            raise ValueError(f"{op}: {name} has size 0; need at least 1.")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be a finite number, got {scale}.")
-    if map_batch is None:
-        bm = B
-    else:
-        seen = set()
-        for entry in map_batch:
-            if not 0 <= entry < B:
-                raise ValueError(f"{op}: map_batch entry {entry} is out of range for batch size {B}; entries must lie in [0, {B}).")
-            if entry in seen:
-                raise ValueError(f"{op}: map_batch lists batch entry {entry} twice; each entry may get maps once.")
-            seen.add(entry)
-        bm = len(map_batch)
-    p = 0
-    if probe_index is not None:
-        if probe_index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{op}: probe_index must be an integer (int64) tensor of query indices, got {probe_index.dtype}.")
-        if probe_index.dim() != 1:
-            raise ValueError(f"{op}: probe_index must be 1-D [P], got shape {list(probe_index.shape)}.")
-        p = probe_index.shape[0]
-    if query_weights is not None:
-        if not query_weights.dtype.is_floating_point:
-            raise ValueError(f"{op}: query_weights must be a floating-point tensor, got {query_weights.dtype}.")
-        if query_weights.device != q.device:
-            raise ValueError(f"{op}: query_weights must be on q's device {q.device}, got {query_weights.device}.")
-        if list(query_weights.shape) not in ([B, Nq], [Nq]):
-            raise ValueError(f"{op}: query_weights must have shape [batch, queries] = [{B}, {Nq}] or [queries] = [{Nq}], got {list(query_weights.shape)}.")
-    return bm, p
+# Fake kernels: shapes only. Every argument check lives in C++ (csrc/attention_with_maps_checks.cpp)
+# and runs when the real kernel runs; repeating the checks here would let the two drift apart.
+
+
+def _map_shapes(q, k, v, probe_index, map_batch):
+    """(B, H, Nq, Nk, Dv, Bm, P) as the C++ kernels will allocate them."""
+    B, H, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Nk, Dv = k.shape[2], v.shape[3]
+    bm = B if map_batch is None else len(map_batch)
+    p = 0 if probe_index is None else probe_index.shape[0]
+    return B, H, Nq, Nk, Dv, bm, p
 
 
 @torch.library.register_fake("i2am_fast::attention_with_maps")
 def _attention_with_maps_fake(q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None):
-    bm, p = _check_inputs("attention_with_maps", q, k, v, scale, query_weights, probe_index, map_batch)
-    B, H, Nq, _ = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
+    B, H, Nq, Nk, Dv, bm, p = _map_shapes(q, k, v, probe_index, map_batch)
     f32 = dict(dtype=torch.float32, device=q.device)
     return (
         q.new_empty((B, H, Nq, Dv)),
@@ -137,22 +84,7 @@ def _attention_with_maps_fake(q, k, v, scale=None, query_weights=None, probe_ind
 def _attention_with_maps_accumulate_fake(
     q, k, v, generated, reference, probes=None, scale=None, query_weights=None, probe_index=None, map_batch=None
 ):
-    op = "attention_with_maps_accumulate"
-    bm, p = _check_inputs(op, q, k, v, scale, query_weights, probe_index, map_batch)
-    B, H, Nq, _ = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
-    expected = {"generated": [bm, H, Nq], "reference": [bm, H, Nk], "probes": [bm, H, p, Nk]}
-    for name, acc in (("generated", generated), ("reference", reference), ("probes", probes)):
-        if acc is None:
-            if p > 0 and bm > 0:
-                raise ValueError(f"{op}: probe_index has {p} entries but no probes accumulator was given; pass probes as a float32 tensor of shape {expected['probes']}.")
-            continue
-        if acc.dtype != torch.float32:
-            raise ValueError(f"{op}: {name} must be a float32 accumulator, got {acc.dtype}.")
-        if acc.device != q.device:
-            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {acc.device}.")
-        if list(acc.shape) != expected[name]:
-            raise ValueError(f"{op}: {name} must have shape {expected[name]}, got {list(acc.shape)}.")
+    B, H, Nq, _, Dv, _, _ = _map_shapes(q, k, v, probe_index, map_batch)
     return q.new_empty((B, H, Nq, Dv))
 
 

@@ -1,0 +1,55 @@
+// Kernels registered once for every back end.
+//
+// The functional op attention_with_maps is zero-filled accumulators plus
+// attention_with_maps_accumulate, called through the dispatcher: each back end implements only
+// the accumulating kernel, so the two ops cannot compute different things.
+#include "attention_with_maps.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace i2am_fast {
+namespace {
+
+using AccumulateSignature = at::Tensor(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    at::Tensor&,
+    at::Tensor&,
+    const std::optional<at::Tensor>&,
+    std::optional<double>,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    at::OptionalIntArrayRef);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_maps_composite(
+    const at::Tensor& q,
+    const at::Tensor& k,
+    const at::Tensor& v,
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& query_weights,
+    const std::optional<at::Tensor>& probe_index,
+    at::OptionalIntArrayRef map_batch) {
+  // The checks run here too, so that a bad call names this op rather than the accumulating
+  // one, and so that the accumulators get their shapes from checked arguments.
+  const AttentionMapsProblem problem = check_attention_with_maps_inputs(
+      "attention_with_maps", q, k, v, scale, query_weights, probe_index, map_batch,
+      /*allow_float64=*/q.device().is_cpu());
+  auto [generated, reference, probes] = make_map_accumulators(problem, q);
+  static const auto accumulate = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("i2am_fast::attention_with_maps_accumulate", "")
+                                     .typed<AccumulateSignature>();
+  at::Tensor output = accumulate.call(
+      q, k, v, generated, reference, std::optional<at::Tensor>(probes), scale, query_weights, probe_index,
+      map_batch);
+  return {output, generated, reference, probes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(i2am_fast, CompositeExplicitAutograd, m) {
+  m.impl("attention_with_maps", &attention_with_maps_composite);
+}
+
+}  // namespace i2am_fast
