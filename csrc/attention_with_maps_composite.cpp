@@ -11,39 +11,47 @@
 namespace i2am_fast {
 namespace {
 
+using OptionalTensor = std::optional<at::Tensor>;
 using AccumulateSignature = at::Tensor(
     const at::Tensor&,
     const at::Tensor&,
     const at::Tensor&,
     at::Tensor&,
     at::Tensor&,
-    const std::optional<at::Tensor>&,
+    const OptionalTensor&,
+    const OptionalTensor&,
     std::optional<double>,
-    const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&,
-    at::OptionalIntArrayRef);
+    const OptionalTensor&,
+    const OptionalTensor&,
+    at::OptionalIntArrayRef,
+    const OptionalTensor&,
+    const OptionalTensor&,
+    const OptionalTensor&);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_maps_composite(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_with_maps_composite(
     const at::Tensor& q,
     const at::Tensor& k,
     const at::Tensor& v,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& query_weights,
-    const std::optional<at::Tensor>& probe_index,
-    at::OptionalIntArrayRef map_batch) {
+    const OptionalTensor& query_weights,
+    const OptionalTensor& probe_index,
+    at::OptionalIntArrayRef map_batch,
+    const OptionalTensor& map_queries,
+    const OptionalTensor& map_keys,
+    const OptionalTensor& key_padding_mask) {
   // The checks run here too, so that a bad call names this op rather than the accumulating
   // one, and so that the accumulators get their shapes from checked arguments.
   const AttentionMapsProblem problem = check_attention_with_maps_inputs(
-      "attention_with_maps", q, k, v, scale, query_weights, probe_index, map_batch,
-      /*allow_float64=*/q.device().is_cpu());
-  auto [generated, reference, probes] = make_map_accumulators(problem, q);
+      "attention_with_maps", q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys,
+      key_padding_mask, /*allow_float64=*/q.device().is_cpu());
+  auto [generated, reference, probes, share] = make_map_accumulators(problem, q);
   static const auto accumulate = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("i2am_fast::attention_with_maps_accumulate", "")
                                      .typed<AccumulateSignature>();
   at::Tensor output = accumulate.call(
-      q, k, v, generated, reference, std::optional<at::Tensor>(probes), scale, query_weights, probe_index,
-      map_batch);
-  return {output, generated, reference, probes};
+      q, k, v, generated, reference, OptionalTensor(probes), OptionalTensor(share), scale, query_weights,
+      probe_index, map_batch, map_queries, map_keys, key_padding_mask);
+  return {output, generated, reference, probes, share};
 }
 
 }  // namespace

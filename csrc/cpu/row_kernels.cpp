@@ -137,16 +137,19 @@ I2AM_VEC_INLINE T exp_diff_sum_scalar(const T* __restrict s, const T* __restrict
 
 template <typename T>
 I2AM_VEC_INLINE T map_row_scalar(
-    T* __restrict s, T shift, int64_t n, const T* __restrict u, T weight, T* __restrict reference_part) {
+    T* __restrict s, T shift, int64_t n, const T* __restrict u, T weight, T* __restrict reference_part, T* e_sum) {
   T dot = 0;
+  T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     const T e = exp_scalar(s[j] - shift);
     s[j] = e;
+    sum += e;
     reference_part[j] += weight * e;
     if (u != nullptr) {
       dot += e * u[j];
     }
   }
+  *e_sum += sum;
   return dot;
 }
 
@@ -211,19 +214,23 @@ I2AM_CPU_MULTIVERSION float map_row_in_place(
     int64_t n,
     const float* __restrict u,
     float weight,
-    float* __restrict reference_part) {
+    float* __restrict reference_part,
+    float* e_sum) {
   VecF dot = splat(0.0f);
+  VecF sum = splat(0.0f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     const VecF e = exp_vec(load(s + j) - shift);
     store(s + j, e);
+    sum += e;
     store(reference_part + j, load(reference_part + j) + weight * e);
     if (u != nullptr) {
       dot += e * load(u + j);
     }
   }
+  *e_sum += reduce_sum(sum);
   return reduce_sum(dot) +
-      map_row_scalar(s + j, shift, n - j, u == nullptr ? nullptr : u + j, weight, reference_part + j);
+      map_row_scalar(s + j, shift, n - j, u == nullptr ? nullptr : u + j, weight, reference_part + j, e_sum);
 }
 
 I2AM_CPU_MULTIVERSION void exp_of_difference(float a, const float* __restrict c, float* __restrict y, int64_t n) {
@@ -251,8 +258,9 @@ double map_row_in_place(
     int64_t n,
     const double* __restrict u,
     double weight,
-    double* __restrict reference_part) {
-  return map_row_scalar(s, shift, n, u, weight, reference_part);
+    double* __restrict reference_part,
+    double* e_sum) {
+  return map_row_scalar(s, shift, n, u, weight, reference_part, e_sum);
 }
 void exp_of_difference(double a, const double* __restrict c, double* __restrict y, int64_t n) {
   exp_of_difference_scalar(a, c, y, n);

@@ -26,9 +26,10 @@ float exp_diff_sum(const float* s, const float* c, int64_t n);
 double exp_diff_sum(const double* s, const double* c, int64_t n);
 
 // Pass-2 row, in place: s[j] <- e[j] = exp(s[j] - shift) (the key-axis softmax row);
-// reference_part[j] += weight * e[j]; returns sum_j e[j] * u[j] (u null: returns 0).
-float map_row_in_place(float* __restrict s, float shift, int64_t n, const float* __restrict u, float weight, float* __restrict reference_part);
-double map_row_in_place(double* __restrict s, double shift, int64_t n, const double* __restrict u, double weight, double* __restrict reference_part);
+// reference_part[j] += weight * e[j]; *e_sum += sum_j e[j] (the row's reference share);
+// returns sum_j e[j] * u[j] (u null: returns 0).
+float map_row_in_place(float* __restrict s, float shift, int64_t n, const float* __restrict u, float weight, float* __restrict reference_part, float* e_sum);
+double map_row_in_place(double* __restrict s, double shift, int64_t n, const double* __restrict u, double weight, double* __restrict reference_part, double* e_sum);
 
 // y[j] = exp(a - c[j]), the per-column factors e^(A - colLSE) of the reuse path.
 void exp_of_difference(float a, const float* __restrict c, float* __restrict y, int64_t n);

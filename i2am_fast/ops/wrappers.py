@@ -42,49 +42,53 @@ def _batch_index_list(map_batch: IndexList) -> Optional[list[int]]:
     return out
 
 
-def _probe_tensor(probe_index: Union[torch.Tensor, Sequence[int], None]) -> Optional[torch.Tensor]:
-    """Normalises probe_index to a 1-D int64 tensor (or None)."""
-    if probe_index is None or isinstance(probe_index, torch.Tensor):
-        return probe_index
-    if isinstance(probe_index, (Sequence, range)) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in probe_index
-    ):
-        return torch.tensor(list(probe_index), dtype=torch.long)
-    raise ValueError(
-        f"probe_index must be a 1-D int64 tensor or a sequence of query indices, got {probe_index!r}."
-    )
+def _index_tensor(name: str, index: Union[torch.Tensor, Sequence[int], None]) -> Optional[torch.Tensor]:
+    """Normalises probe_index / map_queries / map_keys to a 1-D integer tensor (or None); the C++
+    checks judge its dtype, rank and entries."""
+    if index is None or isinstance(index, torch.Tensor):
+        return index
+    if isinstance(index, (Sequence, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+        return torch.tensor(list(index), dtype=torch.long)
+    raise ValueError(f"{name} must be a 1-D int64 tensor or a sequence of token positions, got {index!r}.")
 
 
 # Fake kernels: shapes only. Every argument check lives in C++ (csrc/attention_with_maps_checks.cpp)
 # and runs when the real kernel runs; repeating the checks here would let the two drift apart.
 
 
-def _map_shapes(q, k, v, probe_index, map_batch):
-    """(B, H, Nq, Nk, Dv, Bm, P) as the C++ kernels will allocate them."""
+def _map_shapes(q, k, v, probe_index, map_batch, map_queries, map_keys):
+    """(B, H, Nq, Dv, Bm, Nqm, Nkm, P) as the C++ kernels will allocate them."""
     B, H, Nq = q.shape[0], q.shape[1], q.shape[2]
-    Nk, Dv = k.shape[2], v.shape[3]
+    Dv = v.shape[3]
     bm = B if map_batch is None else len(map_batch)
+    nqm = Nq if map_queries is None else map_queries.shape[0]
+    nkm = k.shape[2] if map_keys is None else map_keys.shape[0]
     p = 0 if probe_index is None else probe_index.shape[0]
-    return B, H, Nq, Nk, Dv, bm, p
+    return B, H, Nq, Dv, bm, nqm, nkm, p
 
 
 @torch.library.register_fake("i2am_fast::attention_with_maps")
-def _attention_with_maps_fake(q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None):
-    B, H, Nq, Nk, Dv, bm, p = _map_shapes(q, k, v, probe_index, map_batch)
+def _attention_with_maps_fake(
+    q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None, map_queries=None, map_keys=None,
+    key_padding_mask=None,
+):
+    B, H, Nq, Dv, bm, nqm, nkm, p = _map_shapes(q, k, v, probe_index, map_batch, map_queries, map_keys)
     f32 = dict(dtype=torch.float32, device=q.device)
     return (
         q.new_empty((B, H, Nq, Dv)),
-        torch.empty((bm, H, Nq), **f32),
-        torch.empty((bm, H, Nk), **f32),
-        torch.empty((bm, H, p, Nk), **f32),
+        torch.empty((bm, H, nqm), **f32),
+        torch.empty((bm, H, nkm), **f32),
+        torch.empty((bm, H, p, nkm), **f32),
+        torch.empty((bm, H, nqm), **f32),
     )
 
 
 @torch.library.register_fake("i2am_fast::attention_with_maps_accumulate")
 def _attention_with_maps_accumulate_fake(
-    q, k, v, generated, reference, probes=None, scale=None, query_weights=None, probe_index=None, map_batch=None
+    q, k, v, generated, reference, probes=None, share=None, scale=None, query_weights=None, probe_index=None,
+    map_batch=None, map_queries=None, map_keys=None, key_padding_mask=None,
 ):
-    B, H, Nq, _, Dv, _, _ = _map_shapes(q, k, v, probe_index, map_batch)
+    B, H, Nq, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
     return q.new_empty((B, H, Nq, Dv))
 
 
@@ -108,36 +112,52 @@ def attention_with_maps(
     query_weights: Optional[torch.Tensor] = None,
     probe_index: Union[torch.Tensor, Sequence[int], None] = None,
     map_batch: IndexList = None,
+    map_queries: Union[torch.Tensor, Sequence[int], None] = None,
+    map_keys: Union[torch.Tensor, Sequence[int], None] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> AttentionWithMaps:
-    """Attention output and the I²AM maps of one cross-attention call, without storing S.
+    """Attention output and the I²AM maps of one attention call, without storing S.
+
+    The maps are taken over the sub-block generated queries ``Qg`` (``map_queries``) x reference
+    keys ``Kr`` (``map_keys``) of the call; with both None (every query, every key) they are the
+    cross-attention maps of the paper. ``P`` below is the model's own softmax over every key that
+    ``key_padding_mask`` lets take part.
 
     Args:
-        q: ``[B, H, Nq, D]`` queries (generated-image patches), float32, float16, bfloat16,
-            or float64 on CPU. Any strides.
-        k: ``[B, H, Nk, D]`` keys (reference tokens).
+        q: ``[B, H, Nq, D]`` queries, float32, float16, bfloat16, or float64 on CPU. Any strides.
+        k: ``[B, H, Nk, D]`` keys. Any strides, including expanded (stride-0) views, read in place.
         v: ``[B, H, Nk, Dv]`` values.
         scale: score scale; default ``1 / sqrt(D)``.
-        query_weights: ``[B, Nq]`` or ``[Nq]`` weights ``w`` of the reference map (eq. 17: the
-            inpainting mask on the layer grid); default all ones.
-        probe_index: query indices ``a`` whose key-softmax rows are returned as probes
-            (specific-reference maps, eq. 16); a 1-D int64 tensor or a sequence of ints.
+        query_weights: ``[B, Nqm]`` or ``[Nqm]`` weights ``w`` of the reference map, one per
+            mapped query in ``map_queries`` order (eq. 17: the inpainting mask on the layer
+            grid); default all ones.
+        probe_index: FULL query positions ``a`` whose key-softmax rows (over the mapped keys)
+            are returned as probes (specific-reference maps, eq. 16); they may lie outside
+            ``Qg``. A 1-D integer tensor or a sequence of ints.
         map_batch: batch entries that get maps, in the order of the map outputs; default all.
             Under classifier-free guidance pass only the conditional half, e.g. ``[1]``.
+        map_queries: ``Qg``, distinct query positions (the generated tokens); default every query.
+        map_keys: ``Kr``, distinct key positions (the reference tokens); default every key.
+        key_padding_mask: bool ``[B, Nk]``, True = the key takes part; masked keys take part in
+            nothing (output and maps). Default: every key takes part.
 
     Returns:
-        ``AttentionWithMaps(output, generated, reference, probes)`` with ``output``
-        ``[B, H, Nq, Dv]`` in q's dtype (``softmax(q kᵀ scale) v``), and float32 maps
-        ``generated [Bm, H, Nq]`` (softmax over queries, mean over keys),
-        ``reference [Bm, H, Nk]`` (softmax over keys, ``w``-weighted mean over queries) and
-        ``probes [Bm, H, P, Nk]`` (softmax-over-keys rows), ``Bm = len(map_batch)``.
+        ``AttentionWithMaps(output, generated, reference, probes, share)``: ``output``
+        ``[B, H, Nq, Dv]`` in q's dtype (``P · v``), and float32 maps in index order,
+        ``generated [Bm, H, Nqm]`` (``g[q] = mean over unmasked k in Kr of softmax over Qg of
+        S[:, k]``), ``reference [Bm, H, Nkm]`` (``r[k] = (1/Nqm) Σ_{q∈Qg} w[q] P[q, k]``),
+        ``probes [Bm, H, P, Nkm]`` (``P[a, k]``), ``share [Bm, H, Nqm]`` (``Σ_{k∈Kr} P[q, k]``),
+        ``Bm = len(map_batch)``. A masked mapped key gives 0 and is left out of the mean.
 
     Raises:
         ValueError: for inputs of the wrong rank, shape, dtype or device, out-of-range or
-            repeated indices, or a non-finite scale; the message names the argument.
+            repeated indices, a mask that leaves an entry no key, or a non-finite scale; the
+            message names the argument.
     """
     _require_kernels_for(q, "attention_with_maps")
     out = torch.ops.i2am_fast.attention_with_maps(
-        q, k, v, scale, query_weights, _probe_tensor(probe_index), _batch_index_list(map_batch)
+        q, k, v, scale, query_weights, _index_tensor("probe_index", probe_index), _batch_index_list(map_batch),
+        _index_tensor("map_queries", map_queries), _index_tensor("map_keys", map_keys), key_padding_mask,
     )
     return AttentionWithMaps(*out)
 
@@ -149,18 +169,23 @@ def attention_with_maps_accumulate(
     generated: torch.Tensor,
     reference: torch.Tensor,
     probes: Optional[torch.Tensor] = None,
+    share: Optional[torch.Tensor] = None,
     *,
     scale: Optional[float] = None,
     query_weights: Optional[torch.Tensor] = None,
     probe_index: Union[torch.Tensor, Sequence[int], None] = None,
     map_batch: IndexList = None,
+    map_queries: Union[torch.Tensor, Sequence[int], None] = None,
+    map_keys: Union[torch.Tensor, Sequence[int], None] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Like :func:`attention_with_maps`, but adds the maps into caller-owned accumulators.
 
-    ``generated [Bm, H, Nq]``, ``reference [Bm, H, Nk]`` and ``probes [Bm, H, P, Nk]`` are
-    float32 tensors on q's device, with any strides (slices of a larger state tensor work);
-    ``probes`` may be omitted when there are no probe indices. Nothing else is allocated for
-    the maps, so a tracer can add every call into per-(layer, time group) state.
+    ``generated [Bm, H, Nqm]``, ``reference [Bm, H, Nkm]``, ``probes [Bm, H, P, Nkm]`` and
+    ``share [Bm, H, Nqm]`` are float32 tensors on q's device, with any strides (slices of a
+    larger state tensor work); ``probes`` may be omitted when there are no probe indices, and
+    ``share`` is computed only when given. Nothing else is allocated for the maps, so a tracer
+    can add every call into per-(layer, time group) state.
 
     Returns:
         The attention output ``[B, H, Nq, Dv]`` in q's dtype.
@@ -173,8 +198,12 @@ def attention_with_maps_accumulate(
         generated,
         reference,
         probes,
+        share,
         scale,
         query_weights,
-        _probe_tensor(probe_index),
+        _index_tensor("probe_index", probe_index),
         _batch_index_list(map_batch),
+        _index_tensor("map_queries", map_queries),
+        _index_tensor("map_keys", map_keys),
+        key_padding_mask,
     )
