@@ -5,12 +5,18 @@
 // kKeyBlock and never stored whole (docs/design.md, "The kernel"). Rows and columns are visited in
 // the token order of attention_with_maps.h, so that the mapped queries and keys are prefixes:
 //   pass 1  for every batch entry, every row x every unmasked column: online softmax over key
-//           blocks gives the output and the row log-sum-exp; for map entries the tiles' mapped
-//           rows x mapped columns give column statistics per query chunk;
-//   combine the column statistics of the chunks into the column log-sum-exp;
+//           blocks gives the output and the row statistics (max, sum); for map entries the
+//           tiles' mapped rows x mapped columns give column statistics per query chunk;
+//   combine the column statistics of the chunks, in chunk order;
 //   pass 2  for map entries only, rows [0, R2) x mapped columns: recompute the tiles; the
-//           key-axis softmax row e = exp(S - rowLSE) feeds the reference map, the share and the
-//           probe rows, and exp(S - colLSE) (the query-axis softmax) feeds the generated map.
+//           key-axis softmax row p = exp(S - rowmax) / rowsum feeds the reference map, the share
+//           and the probe rows, and exp(S - colmax) / colsum (the query-axis softmax) feeds the
+//           generated map.
+// Every statistic stays a (max, sum) pair and no log-sum-exp is ever subtracted from a score,
+// so the maps keep float32's relative precision at any |S| (tile_math.h; docs/design.md,
+// "Numerical accuracy"). A row whose scores are all -inf has sum 0: its output is NaN, as
+// torch's softmax gives, and it adds 0 to every map; a column that is -inf for every mapped
+// query likewise adds 0.
 // Products of tiles go to the BLAS behind at::mm; the per-score work is in row_kernels.cpp.
 // Work items are (batch, head, chunk of query blocks); threads take them from a shared counter,
 // and every reduction over chunks runs in chunk order afterwards, so results do not depend on
@@ -121,7 +127,8 @@ class AttentionWithMapsCpu {
     const int64_t bm = p.map_count();
     const auto acc_options = at::TensorOptions().dtype(acc_dtype_);
     if (bm > 0) {
-      row_lse_ = at::empty({bm, p.heads, p.pass2_rows}, acc_options);
+      row_stat_max_ = at::empty({bm, p.heads, p.pass2_rows}, acc_options);
+      row_stat_inv_ = at::empty({bm, p.heads, p.pass2_rows}, acc_options);
       col_max_ = at::empty({bm, p.heads, chunks_, nkm_}, acc_options);
       col_sum_ = at::empty({bm, p.heads, chunks_, nkm_}, acc_options);
       reference_part_ = at::zeros({bm, p.heads, chunks_, nkm_}, acc_options);
@@ -301,7 +308,7 @@ class AttentionWithMapsCpu {
           for (int64_t i = 0; i < rows; ++i) {
             const bool mapped_row = i < map_rows;
             const acc_t alpha = online_rescale(row_max[i], new_max[i]);
-            const acc_t tile_sum = cpu::exp_row_in_place(
+            const acc_t tile_sum = exp_row(
                 st + i * kKeyBlock, new_max[i], cols, mapped_row ? s.row_weight[i] : acc_t(0),
                 mapped_row ? col_sum : nullptr);
             row_sum[i] = row_sum[i] * alpha + tile_sum;
@@ -321,7 +328,7 @@ class AttentionWithMapsCpu {
         } else {
           for (int64_t i = 0; i < rows; ++i) {
             const acc_t alpha = online_rescale(row_max[i], new_max[i]);
-            const acc_t tile_sum = cpu::exp_row_in_place(st + i * kKeyBlock, new_max[i], cols, acc_t(0), nullptr);
+            const acc_t tile_sum = exp_row(st + i * kKeyBlock, new_max[i], cols, acc_t(0), nullptr);
             row_sum[i] = row_sum[i] * alpha + tile_sum;
             row_max[i] = new_max[i];
             scale_row(out_data + i * p_.value_dim, alpha);
@@ -330,16 +337,20 @@ class AttentionWithMapsCpu {
         out.addmm_(tile, values.narrow(0, k0, cols));
       }
 
-      // Normalise and write the output rows; keep the row log-sum-exp of pass 2's rows.
+      // Normalise and write the output rows (a row with sum 0 becomes NaN); keep the row
+      // statistics of pass 2's rows as (max, 1 / sum).
       for (int64_t i = 0; i < rows; ++i) {
         scale_row(out_data + i * p_.value_dim, acc_t(1) / row_sum[i]);
       }
       write_output_rows(b, h, q0, rows, out);
       if (maps) {
-        acc_t* lse = row_lse_.data_ptr<acc_t>() + (slot * p_.heads + h) * p_.pass2_rows + q0;
+        const int64_t offset = (slot * p_.heads + h) * p_.pass2_rows + q0;
+        acc_t* stat_max = row_stat_max_.data_ptr<acc_t>() + offset;
+        acc_t* stat_inv = row_stat_inv_.data_ptr<acc_t>() + offset;
         const int64_t kept = std::clamp<int64_t>(p_.pass2_rows - q0, 0, rows);
         for (int64_t i = 0; i < kept; ++i) {
-          lse[i] = log_sum_exp(SoftmaxStat<acc_t>{row_max[i], row_sum[i]});
+          stat_max[i] = row_max[i];
+          stat_inv[i] = inverse_sum(SoftmaxStat<acc_t>{row_max[i], row_sum[i]});
         }
       }
     }
@@ -356,27 +367,41 @@ class AttentionWithMapsCpu {
     }
   }
 
+  // Pass-1 exponentials of one tile row, in place (row_kernels.h, exp_row_in_place). A row
+  // whose maximum so far is -inf has only -inf scores so far: its exponentials are 0 (the
+  // row kernel would compute exp(-inf - -inf) = NaN).
+  static acc_t exp_row(acc_t* row, acc_t shift, int64_t cols, acc_t weight, acc_t* col_sum) {
+    if (shift == -std::numeric_limits<acc_t>::infinity()) {
+      std::fill(row, row + cols, acc_t(0));
+      return acc_t(0);
+    }
+    return cpu::exp_row_in_place(row, shift, cols, weight, col_sum);
+  }
+
   void scale_row(acc_t* row, acc_t factor) const {
     for (int64_t d = 0; d < p_.value_dim; ++d) {
       row[d] *= factor;
     }
   }
 
-  // colLSE[slot, h, j] = log-sum-exp over chunks, merged in chunk order; stored in chunk 0's
-  // column-max slot.
+  // The column statistics over chunks, merged in chunk order, as (max, 1 / sum) in chunk 0's
+  // slots. A column that is -inf for every mapped query gets (+inf, 0): exp(S - max) * inv is
+  // then 0 on both of pass 2's paths, and it never fails the reuse test.
   void combine_column_statistics() {
     const int64_t pairs = p_.map_count() * p_.heads;
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t columns = p_.map_key_count[p_.map_batch[pair / p_.heads]];
         acc_t* cmax = col_max_.data_ptr<acc_t>() + pair * chunks_ * nkm_;
-        const acc_t* csum = col_sum_.data_ptr<acc_t>() + pair * chunks_ * nkm_;
+        acc_t* csum = col_sum_.data_ptr<acc_t>() + pair * chunks_ * nkm_;
         for (int64_t key = 0; key < columns; ++key) {
           SoftmaxStat<acc_t> stat{cmax[key], csum[key]};
           for (int64_t chunk = 1; chunk < chunks_; ++chunk) {
             stat = merge_stats(stat, SoftmaxStat<acc_t>{cmax[chunk * nkm_ + key], csum[chunk * nkm_ + key]});
           }
-          cmax[key] = log_sum_exp(stat);
+          const bool empty = stat.sum <= acc_t(0);
+          cmax[key] = empty ? std::numeric_limits<acc_t>::infinity() : stat.max;
+          csum[key] = inverse_sum(stat);
         }
       }
     });
@@ -390,8 +415,10 @@ class AttentionWithMapsCpu {
       return;  // no unmasked mapped key: every map of this entry stays 0; or no row of pass 2
     }
     const at::Tensor keys = key_rows(k_, b, h, num_cols, s.k_rows);
-    const acc_t* col_lse = col_max_.data_ptr<acc_t>() + (slot * p_.heads + h) * chunks_ * nkm_;
-    const acc_t* row_lse = row_lse_.data_ptr<acc_t>() + (slot * p_.heads + h) * p_.pass2_rows;
+    const acc_t* col_max = col_max_.data_ptr<acc_t>() + (slot * p_.heads + h) * chunks_ * nkm_;
+    const acc_t* col_inv = col_sum_.data_ptr<acc_t>() + (slot * p_.heads + h) * chunks_ * nkm_;
+    const acc_t* row_max = row_stat_max_.data_ptr<acc_t>() + (slot * p_.heads + h) * p_.pass2_rows;
+    const acc_t* row_inv = row_stat_inv_.data_ptr<acc_t>() + (slot * p_.heads + h) * p_.pass2_rows;
     acc_t* reference_part = reference_part_.data_ptr<acc_t>() + ((slot * p_.heads + h) * chunks_ + chunk) * nkm_;
     const float* weights = p_.query_weights.defined()
         ? p_.query_weights.const_data_ptr<float>() + b * p_.num_map_queries
@@ -399,9 +426,10 @@ class AttentionWithMapsCpu {
     float* generated = generated_.data_ptr<float>() + slot * generated_.stride(0) + h * generated_.stride(1);
     const int64_t generated_stride = generated_.stride(2);
 
-    acc_t* g_reused = s.row_weight.data();  // sum_k e * exp(A - colLSE), scaled by exp(rowLSE - A) at the end
-    acc_t* g_exact = s.row_aux.data();      // sum_k exp(S - colLSE) over tiles that take the exact path
-    acc_t* share = s.row_share.data();      // sum_k e
+    // The query-axis softmax exp(S - colmax) / colsum, two ways:
+    acc_t* g_reused = s.row_weight.data();  // sum_k exp(S - rowmax) * exp(A - colmax) / colsum, scaled by exp(rowmax - A) at the end
+    acc_t* g_exact = s.row_aux.data();      // sum_k exp(S - colmax) / colsum over tiles that take the exact path
+    acc_t* share = s.row_share.data();      // sum_k p
     acc_t* factor = s.col_factor.data();
     const int64_t block_end = std::min(query_blocks_, (chunk + 1) * blocks_per_chunk_);
     for (int64_t qb = chunk * blocks_per_chunk_; qb < block_end; ++qb) {
@@ -416,31 +444,35 @@ class AttentionWithMapsCpu {
       std::fill(g_reused, g_reused + rows, acc_t(0));
       std::fill(g_exact, g_exact + rows, acc_t(0));
       std::fill(share, share + rows, acc_t(0));
-      // A = max row log-sum-exp of the block's mapped rows:
-      // exp(S - colLSE) = e * exp(rowLSE - A) * exp(A - colLSE).
-      const acc_t block_reference = map_rows > 0 ? *std::max_element(row_lse + q0, row_lse + q0 + map_rows)
+      // A = max row maximum of the block's mapped rows:
+      // exp(S - colmax) = exp(S - rowmax) * exp(rowmax - A) * exp(A - colmax).
+      const acc_t block_reference = map_rows > 0 ? *std::max_element(row_max + q0, row_max + q0 + map_rows)
                                                  : -std::numeric_limits<acc_t>::infinity();
 
       for (int64_t k0 = 0; k0 < num_cols; k0 += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, num_cols - k0);
         at::Tensor tile = scores(s, rows, cols, keys, k0);
         acc_t* st = tile.data_ptr<acc_t>();
-        const acc_t lowest_col_lse = *std::min_element(col_lse + k0, col_lse + k0 + cols);
-        const bool reuse = block_reference - lowest_col_lse <= acc_t(kReuseSpread);
+        const acc_t lowest_col_max = *std::min_element(col_max + k0, col_max + k0 + cols);
+        const bool reuse = block_reference - lowest_col_max <= acc_t(kReuseSpread);
         if (reuse && map_rows > 0) {
-          cpu::exp_of_difference(block_reference, col_lse + k0, factor, cols);
+          cpu::exp_of_difference(block_reference, col_max + k0, col_inv + k0, factor, cols);
         }
         for (int64_t i = 0; i < rows; ++i) {
+          if (row_inv[q0 + i] == acc_t(0)) {
+            continue;  // every score of this row is -inf: it adds 0 to every map
+          }
           acc_t* row = st + i * kKeyBlock;
           if (i < map_rows) {
             if (!reuse) {
-              g_exact[i] += cpu::exp_diff_sum(row, col_lse + k0, cols);
+              g_exact[i] += cpu::exp_diff_dot(row, col_max + k0, col_inv + k0, cols);
             }
             const acc_t weight = weights == nullptr ? acc_t(1) : acc_t(weights[q0 + i]);
             g_reused[i] += cpu::map_row_in_place(
-                row, row_lse[q0 + i], cols, reuse ? factor : nullptr, weight, reference_part + k0, share + i);
+                row, row_max[q0 + i], row_inv[q0 + i], cols, reuse ? factor : nullptr, weight, reference_part + k0,
+                share + i);
           } else {
-            cpu::exp_row_in_place(row, row_lse[q0 + i], cols, acc_t(0), nullptr);
+            cpu::softmax_row_in_place(row, row_max[q0 + i], row_inv[q0 + i], cols);
           }
           for (const int64_t probe : probes_of_row_[q0 + i]) {
             add_probe_row(slot, h, probe, b, k0, row, cols);
@@ -449,7 +481,7 @@ class AttentionWithMapsCpu {
       }
       const acc_t inv_keys = acc_t(1) / acc_t(num_cols);
       for (int64_t i = 0; i < map_rows; ++i) {
-        const acc_t g = (exp_shifted(row_lse[q0 + i], block_reference) * g_reused[i] + g_exact[i]) * inv_keys;
+        const acc_t g = (exp_shifted(row_max[q0 + i], block_reference) * g_reused[i] + g_exact[i]) * inv_keys;
         generated[(q0 + i) * generated_stride] += static_cast<float>(g);
       }
       if (share_ != nullptr) {
@@ -512,9 +544,10 @@ class AttentionWithMapsCpu {
   int64_t blocks_per_chunk_ = 1;
   int64_t nkm_ = 0;             // column-state stride: Nkm
   bool gathers_keys_ = false;   // some entry's keys are reordered (masked or mapped subset)
-  at::Tensor row_lse_;         // [Bm, H, R2]
-  at::Tensor col_max_;         // [Bm, H, chunks, Nkm]; after combining, chunk 0 holds colLSE
-  at::Tensor col_sum_;         // [Bm, H, chunks, Nkm]
+  at::Tensor row_stat_max_;    // [Bm, H, R2] row maxima
+  at::Tensor row_stat_inv_;    // [Bm, H, R2] 1 / row sums (0 for a row whose scores are all -inf)
+  at::Tensor col_max_;         // [Bm, H, chunks, Nkm]; after combining, chunk 0 holds the column max
+  at::Tensor col_sum_;         // [Bm, H, chunks, Nkm]; after combining, chunk 0 holds 1 / column sum
   at::Tensor reference_part_;  // [Bm, H, chunks, Nkm]
   std::vector<std::vector<int64_t>> probes_of_row_;
 };
