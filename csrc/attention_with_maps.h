@@ -94,7 +94,8 @@ AttentionMapsProblem check_attention_with_maps_inputs(
 
 // Checks caller-owned float32 accumulators: generated [Bm, H, Nqm], reference [Bm, H, Nkm],
 // probes [Bm, H, P, Nkm] (may be absent when P == 0), share [Bm, H, Nqm] (optional), all on
-// q's device, any strides.
+// q's device, any strides, but none of them sharing memory with itself (no expanded or stride-0
+// views), with another accumulator, or with q, k, v.
 void check_map_accumulators(
     const char* op_name,
     const AttentionMapsProblem& problem,

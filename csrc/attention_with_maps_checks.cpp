@@ -153,6 +153,9 @@ AttentionMapsProblem check_attention_with_maps_inputs(
   TORCH_CHECK_VALUE(
       std::isfinite(p.scale), op, ": scale must be a finite number, got ", p.scale,
       " (it multiplies every score; a NaN or infinite scale makes every softmax NaN).");
+  TORCH_CHECK_VALUE(
+      std::isfinite(static_cast<float>(p.scale)), op, ": scale must be finite in float32 (|scale| < 3.4e38), got ",
+      p.scale, "; the kernels multiply the queries by it in float32, where it would be infinite.");
 
   // map_batch: distinct batch entries, in the caller's order.
   p.map_slot.assign(p.batch, -1);
@@ -197,7 +200,22 @@ AttentionMapsProblem check_attention_with_maps_inputs(
         per_batch || shared, op, ": query_weights must have shape [batch, mapped queries] = [", p.batch,
         ", ", nqm, "] or [mapped queries] = [", nqm, "] (one weight per map_queries entry, or per query when ",
         "map_queries is None), got ", shape_string(w), ".");
+    TORCH_CHECK_VALUE(
+        !(w.requires_grad() && c10::GradMode::is_enabled()), op,
+        ": query_weights requires grad, but the op is inference-only and has no backward; pass "
+        "query_weights.detach(), or call it under torch.no_grad() or torch.inference_mode().");
     p.query_weights = (shared ? w.unsqueeze(0).expand({p.batch, nqm}) : w).to(at::kFloat).contiguous();
+    // A NaN or infinite weight would make the whole reference map NaN (it is a sum over queries).
+    if (!at::isfinite(p.query_weights).all().item<bool>()) {
+      const at::Tensor bad = at::logical_not(at::isfinite(p.query_weights)).nonzero();
+      const at::Tensor first = bad[0].cpu();
+      const int64_t row = first[0].item<int64_t>();
+      const int64_t column = first[1].item<int64_t>();
+      TORCH_CHECK_VALUE(
+          false, op, ": query_weights must be finite, got ", p.query_weights.select(0, row)[column].item<float>(),
+          " at ", shared ? "index " : "[batch, index] ", shared ? "" : std::to_string(row) + ", ", column,
+          " (after conversion to float32).");
+    }
   }
 
   if (c10::GradMode::is_enabled()) {

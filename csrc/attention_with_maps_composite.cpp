@@ -3,9 +3,15 @@
 // The functional op attention_with_maps is zero-filled accumulators plus
 // attention_with_maps_accumulate, called through the dispatcher: each back end implements only
 // the accumulating kernel, so the two ops cannot compute different things.
+//
+// attention_with_maps_accumulate writes into its accumulators in place, so, like torch's own
+// in-place ops, it bumps their version counters (the ADInplaceOrView kernel below): a tensor that
+// autograd saved and that the op then changed makes backward fail loudly instead of silently
+// using the new values.
 #include "attention_with_maps.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace i2am_fast {
@@ -54,10 +60,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {output, generated, reference, probes, share};
 }
 
+void bump_version(const at::Tensor& t) {
+  // Inference tensors have no version counter (and autograd cannot have saved them).
+  if (t.defined() && !t.is_inference()) {
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+at::Tensor accumulate_bumping_versions(
+    c10::DispatchKeySet keys,
+    const at::Tensor& q,
+    const at::Tensor& k,
+    const at::Tensor& v,
+    at::Tensor& generated,
+    at::Tensor& reference,
+    const OptionalTensor& probes,
+    const OptionalTensor& share,
+    std::optional<double> scale,
+    const OptionalTensor& query_weights,
+    const OptionalTensor& probe_index,
+    at::OptionalIntArrayRef map_batch,
+    const OptionalTensor& map_queries,
+    const OptionalTensor& map_keys,
+    const OptionalTensor& key_padding_mask) {
+  static const auto accumulate = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("i2am_fast::attention_with_maps_accumulate", "")
+                                     .typed<AccumulateSignature>();
+  at::Tensor output;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
+    output = accumulate.redispatch(
+        keys & c10::after_ADInplaceOrView_keyset, q, k, v, generated, reference, probes, share, scale, query_weights,
+        probe_index, map_batch, map_queries, map_keys, key_padding_mask);
+  }
+  bump_version(generated);
+  bump_version(reference);
+  if (probes.has_value()) {
+    bump_version(*probes);
+  }
+  if (share.has_value()) {
+    bump_version(*share);
+  }
+  return output;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(i2am_fast, CompositeExplicitAutograd, m) {
   m.impl("attention_with_maps", &attention_with_maps_composite);
+}
+
+TORCH_LIBRARY_IMPL(i2am_fast, ADInplaceOrView, m) {
+  m.impl("attention_with_maps_accumulate", TORCH_FN(accumulate_bumping_versions));
 }
 
 }  // namespace i2am_fast
