@@ -13,43 +13,35 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.i2am_fast)
+from .arguments import as_index_list, as_index_tensor, as_scale, require_optional_tensor, require_tensor
 from .types import AttentionWithMaps
 
 __all__ = ["attention_with_maps", "attention_with_maps_accumulate", "AttentionWithMaps"]
 
 IndexList = Union[Sequence[int], torch.Tensor, range, None]
 
-def _batch_index_list(map_batch: IndexList) -> Optional[list[int]]:
-    """Normalises map_batch to a list of Python ints (or None for every batch entry)."""
-    if map_batch is None:
-        return None
-    if isinstance(map_batch, torch.Tensor):
-        if map_batch.dim() != 1 or map_batch.dtype.is_floating_point or map_batch.dtype == torch.bool:
-            raise ValueError(
-                f"map_batch must be a 1-D integer tensor or a sequence of batch indices, "
-                f"got a {map_batch.dim()}-D {map_batch.dtype} tensor."
-            )
-        return [int(i) for i in map_batch.tolist()]
-    if isinstance(map_batch, (int, bool)) or not isinstance(map_batch, (Sequence, range)):
-        raise ValueError(
-            f"map_batch must be a sequence of batch indices such as [1], got {type(map_batch).__name__}."
-        )
-    out = []
-    for entry in map_batch:
-        if isinstance(entry, bool) or not isinstance(entry, int):
-            raise ValueError(f"map_batch entries must be ints, got {entry!r} ({type(entry).__name__}).")
-        out.append(int(entry))
-    return out
+_QKV_LAYOUTS = {
+    "q": "[batch, heads, queries, head_dim]",
+    "k": "[batch, heads, keys, head_dim]",
+    "v": "[batch, heads, keys, value_dim]",
+}
 
 
-def _index_tensor(name: str, index: Union[torch.Tensor, Sequence[int], None]) -> Optional[torch.Tensor]:
-    """Normalises probe_index / map_queries / map_keys to a 1-D integer tensor (or None); the C++
-    checks judge its dtype, rank and entries."""
-    if index is None or isinstance(index, torch.Tensor):
-        return index
-    if isinstance(index, (Sequence, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
-        return torch.tensor(list(index), dtype=torch.long)
-    raise ValueError(f"{name} must be a 1-D int64 tensor or a sequence of token positions, got {index!r}.")
+def _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask):
+    """The operator's arguments after scale in schema order, from the Python values given."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(op, name, t, _QKV_LAYOUTS[name])
+    # Only for the messages about out-of-range Python integers; the C++ checks judge the shapes.
+    batch, queries, keys = (t.shape[d] if t.dim() > d else 0 for t, d in ((q, 0), (q, 2), (k, 2)))
+    return (
+        as_scale(op, scale),
+        require_optional_tensor(op, "query_weights", query_weights, "[batch, mapped queries] or [mapped queries]"),
+        as_index_tensor(op, "probe_index", probe_index, queries),
+        as_index_list(op, "map_batch", map_batch, batch),
+        as_index_tensor(op, "map_queries", map_queries, queries),
+        as_index_tensor(op, "map_keys", map_keys, keys),
+        require_optional_tensor(op, "key_padding_mask", key_padding_mask, "bool [batch, keys], True = the key takes part"),
+    )
 
 
 # Fake kernels: shapes only. Every argument check lives in C++ (csrc/attention_with_maps_checks.cpp)
@@ -154,12 +146,10 @@ def attention_with_maps(
             repeated indices, a mask that leaves an entry no key, or a non-finite scale; the
             message names the argument.
     """
-    _require_kernels_for(q, "attention_with_maps")
-    out = torch.ops.i2am_fast.attention_with_maps(
-        q, k, v, scale, query_weights, _index_tensor("probe_index", probe_index), _batch_index_list(map_batch),
-        _index_tensor("map_queries", map_queries), _index_tensor("map_keys", map_keys), key_padding_mask,
-    )
-    return AttentionWithMaps(*out)
+    op = "attention_with_maps"
+    args = _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask)
+    _require_kernels_for(q, op)
+    return AttentionWithMaps(*torch.ops.i2am_fast.attention_with_maps(q, k, v, *args))
 
 
 def attention_with_maps_accumulate(
@@ -190,20 +180,11 @@ def attention_with_maps_accumulate(
     Returns:
         The attention output ``[B, H, Nq, Dv]`` in q's dtype.
     """
-    _require_kernels_for(q, "attention_with_maps_accumulate")
-    return torch.ops.i2am_fast.attention_with_maps_accumulate(
-        q,
-        k,
-        v,
-        generated,
-        reference,
-        probes,
-        share,
-        scale,
-        query_weights,
-        _index_tensor("probe_index", probe_index),
-        _batch_index_list(map_batch),
-        _index_tensor("map_queries", map_queries),
-        _index_tensor("map_keys", map_keys),
-        key_padding_mask,
-    )
+    op = "attention_with_maps_accumulate"
+    args = _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask)
+    require_tensor(op, "generated", generated, "[maps, heads, mapped queries]")
+    require_tensor(op, "reference", reference, "[maps, heads, mapped keys]")
+    require_optional_tensor(op, "probes", probes, "[maps, heads, probes, mapped keys]")
+    require_optional_tensor(op, "share", share, "[maps, heads, mapped queries]")
+    _require_kernels_for(q, op)
+    return torch.ops.i2am_fast.attention_with_maps_accumulate(q, k, v, generated, reference, probes, share, *args)
