@@ -8,9 +8,9 @@ sizes that still span several query blocks (256) and key blocks (512) of the CPU
 * Kontext-like: self-attention over [text | target | reference]; Qg = target, Kr = reference;
   the text is padded and masked (as Qwen-Image-Edit's is).
 * ReferenceNet-like: queries = own tokens, keys = [own ; reference]; Qg = every query,
-  Kr = the appended reference tokens.
+  Kr = the appended reference tokens, the last of them masked.
 * CatVTON-like stacked (2h x w: contiguous halves) and side by side (h x 2w: column-strided
-  halves); Qg = person half, Kr = garment half.
+  halves); Qg = person half, Kr = garment half; some tokens masked.
 
 Probes lie inside and outside Qg. Tolerances are those of op_helpers (maps 1e-5 relative on CPU
 for every input dtype; the output 1e-5 in float32 and twice SDPA's error in float16/bfloat16).
@@ -55,10 +55,14 @@ def kontext_like(dtype, device, rng, *, B=2, H=2, D=64, text=64, h=13, w=17, mas
 
 
 def referencenet_like(dtype, device, rng, *, B=1, H=3, D=40, h=19, w=15):
-    """Queries: own tokens; keys/values: [own ; reference]. Kr = reference half."""
+    """Queries: own tokens; keys/values: [own ; reference]. Kr = reference half; the reference's
+    last row of tokens is padding (masked)."""
     n = h * w
     q, k, v = make_qkv((B, H, n, 2 * n, D, D), dtype, device, rng)
-    kw = dict(map_keys=torch.arange(n, 2 * n, device=device), probe_index=torch.tensor([0, n // 2], device=device))
+    mask = torch.ones(B, 2 * n, dtype=torch.bool)
+    mask[:, 2 * n - w:] = False
+    kw = dict(map_keys=torch.arange(n, 2 * n, device=device), key_padding_mask=mask.to(device),
+              probe_index=torch.tensor([0, n // 2], device=device))
     return (q, k, v), kw
 
 
@@ -67,7 +71,11 @@ def catvton_stacked(dtype, device, rng, *, B=2, H=2, D=40, h=11, w=23):
     n = 2 * h * w
     q, k, v = make_qkv((B, H, n, n, D, D), dtype, device, rng)
     person, garment = torch.arange(0, h * w), torch.arange(h * w, n)
+    mask = torch.ones(B, n, dtype=torch.bool)
+    mask[1, h * w + 5:h * w + 40] = False  # masked garment tokens in the mapped entry
+    mask[0, 3:9] = False  # masked person tokens in the other
     kw = dict(map_queries=person.to(device), map_keys=garment.to(device), map_batch=[1],
+              key_padding_mask=mask.to(device),
               probe_index=torch.tensor([7, n - 2], device=device))  # inside Qg, outside Qg
     return (q, k, v), kw
 
