@@ -37,6 +37,13 @@ namespace i2am_fast {
 //       x columns [0, map_key_count[b]) also give the column statistics.
 //   pass 2 (map entries): rows [0, R2) x columns [0, map_key_count[b]) only.
 //
+// Numerics both back ends follow (tile_math.h; docs/design.md, "Numerical accuracy"): row and
+// column statistics stay (max, sum) pairs, kept for pass 2 as (max, inverse_sum); a softmax
+// weight is exp(S - max) * inverse_sum, never exp(S - log-sum-exp). A row whose scores are all
+// -inf (sum 0) gets output NaN and adds 0 to every map; a column that is -inf for every mapped
+// query adds 0 (kept as max = +inf, inverse_sum = 0). The generated map divides by
+// map_key_count[b] (0 when that is 0), the reference map by Nqm.
+//
 // With map_queries, map_keys and key_padding_mask all None (or equivalent: every query, every
 // key in order, nothing masked) the tables are the identity, queries_in_order and every
 // keys_in_order[b] are true, and the back ends read q, k, v in place as before.
