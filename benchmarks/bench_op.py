@@ -8,7 +8,8 @@ Compares, for one layer call with spatial reference keys (StableVITON-like: Nq =
 Each measurement runs in a fresh process (so peak RSS is that method's own), methods
 alternate within each round, and the table reports medians and ratios to sdpa of the same run.
 
-Usage: python benchmarks/bench_op.py [--rounds N] [--sizes 12288,3072]
+Usage: python benchmarks/bench_op.py [--rounds N] [--sizes 12288,3072] [--methods sdpa,i2am_fast] [--out FILE]
+(materialised needs about 19 GB at 12288; leave it out on smaller machines)
 """
 
 import argparse
@@ -64,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS) + " (sdpa required)")
+    parser.add_argument("--out", default=RESULTS, help="table file (default benchmarks/results/cpu-op.md)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -75,10 +78,13 @@ def main() -> None:
     from i2am_fast.tools.machine import describe_machine
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {n: {m: [] for m in METHODS} for n in sizes}
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    if "sdpa" not in methods or len(methods) != len(args.methods.split(",")):
+        parser.error(f"--methods must be a subset of {','.join(METHODS)} that includes sdpa, got {args.methods}")
+    results = {n: {m: [] for m in methods} for n in sizes}
     for n in sizes:
         for r in range(args.rounds):
-            order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+            order = methods[r % len(methods):] + methods[: r % len(methods)]
             for method in order:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", method, str(n)],
@@ -106,19 +112,19 @@ def main() -> None:
     for n in sizes:
         base_t = statistics.median(m["seconds"] for m in results[n]["sdpa"])
         base_m = statistics.median(m["peak_rss_mb"] for m in results[n]["sdpa"])
-        for method in METHODS:
+        for method in methods:
             t = statistics.median(m["seconds"] for m in results[n][method])
             mem = statistics.median(m["peak_rss_mb"] for m in results[n][method])
             lines.append(
                 f"| {n} ({SIZES.get(n, '')}) | {method} | {t:.2f} | {t / base_t:.2f}x | {mem:.0f} | {mem / base_m:.2f}x |"
             )
     table = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         f.write(table)
     print()
     print(table)
-    print(f"written to {os.path.relpath(RESULTS)}")
+    print(f"written to {os.path.relpath(args.out)}")
 
 
 if __name__ == "__main__":

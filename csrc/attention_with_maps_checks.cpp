@@ -31,26 +31,63 @@ void check_qkv_tensor(const char* op, const char* name, const at::Tensor& t, con
       shape_string(t), " (", t.dim(), "-D). Split the heads first: x.view(B, N, H, D).transpose(1, 2).");
 }
 
-void check_accumulator(
-    const char* op,
-    const char* name,
-    const at::Tensor& acc,
-    const at::Tensor& q,
-    std::vector<int64_t> expected,
-    const char* layout) {
-  TORCH_CHECK_VALUE(acc.defined(), op, ": ", name, " is an undefined tensor; expected float32 ", layout, ".");
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A 1-D integer tensor of positions in [0, limit), read to the host. `what` names one position
+// ("query", "key"); with `distinct`, a position may appear once.
+std::vector<int64_t> read_positions(
+    const char* op, const char* name, const at::Tensor& idx, int64_t limit, const char* what, bool distinct) {
   TORCH_CHECK_VALUE(
-      acc.scalar_type() == at::kFloat, op, ": ", name, " must be a float32 accumulator, got ",
-      acc.scalar_type(), ".");
+      idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op, ": ", name,
+      " must be an integer (int64 or int32) tensor of ", what, " positions, got ", idx.scalar_type(), ".");
+  TORCH_CHECK_VALUE(idx.dim() == 1, op, ": ", name, " must be 1-D, got shape ", shape_string(idx), ".");
+  const at::Tensor host = idx.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* data = host.const_data_ptr<int64_t>();
+  std::vector<int64_t> positions(data, data + host.numel());
+  std::vector<uint8_t> seen(distinct ? limit : 0, 0);
+  for (const int64_t position : positions) {
+    TORCH_CHECK_VALUE(
+        position >= 0 && position < limit, op, ": ", name, " entry ", position, " is out of range for ", limit,
+        " ", what, "s; entries must lie in [0, ", limit, ").");
+    if (distinct) {
+      TORCH_CHECK_VALUE(
+          !seen[position], op, ": ", name, " lists ", what, " ", position,
+          " twice; each position may appear once.");
+      seen[position] = 1;
+    }
+  }
+  return positions;
+}
+
+std::optional<std::vector<int64_t>> read_index_set(
+    const char* op, const char* name, const std::optional<at::Tensor>& idx, int64_t limit, const char* what) {
+  if (!given(idx)) {
+    return std::nullopt;
+  }
+  std::vector<int64_t> positions = read_positions(op, name, *idx, limit, what, /*distinct=*/true);
   TORCH_CHECK_VALUE(
-      acc.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
-      acc.device(), ".");
+      !positions.empty(), op, ": ", name, " is empty; list at least one ", what, ", or pass None for every ", what,
+      ".");
+  return positions;
+}
+
+std::optional<std::vector<uint8_t>> read_key_mask(
+    const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t batch, int64_t keys) {
+  if (!given(mask)) {
+    return std::nullopt;
+  }
+  const at::Tensor& m = *mask;
   TORCH_CHECK_VALUE(
-      acc.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
-      at::IntArrayRef(expected), " ", layout, ", got ", shape_string(acc), ".");
+      m.scalar_type() == at::kBool, op, ": key_padding_mask must be a bool tensor [batch, keys] (True = the key ",
+      "takes part), got ", m.scalar_type(), ".");
   TORCH_CHECK_VALUE(
-      !acc.requires_grad() || !c10::GradMode::is_enabled(), op, ": ", name,
-      " requires grad; accumulators are inference-only state.");
+      m.dim() == 2 && m.size(0) == batch && m.size(1) == keys, op, ": key_padding_mask must have shape [batch, keys] = [",
+      batch, ", ", keys, "], got ", shape_string(m), ".");
+  TORCH_CHECK_VALUE(
+      m.device() == q.device(), op, ": key_padding_mask must be on q's device ", q.device(), ", got ", m.device(), ".");
+  const at::Tensor host = m.to(at::kCPU, at::kByte).contiguous();
+  const uint8_t* data = host.const_data_ptr<uint8_t>();
+  return std::vector<uint8_t>(data, data + host.numel());
 }
 
 }  // namespace
@@ -64,6 +101,9 @@ AttentionMapsProblem check_attention_with_maps_inputs(
     const std::optional<at::Tensor>& query_weights,
     const std::optional<at::Tensor>& probe_index,
     at::OptionalIntArrayRef map_batch,
+    const std::optional<at::Tensor>& map_queries,
+    const std::optional<at::Tensor>& map_keys,
+    const std::optional<at::Tensor>& key_padding_mask,
     bool allow_float64) {
   check_qkv_tensor(op, "q", q, "[batch, heads, queries, head_dim]");
   check_qkv_tensor(op, "k", k, "[batch, heads, keys, head_dim]");
@@ -113,6 +153,9 @@ AttentionMapsProblem check_attention_with_maps_inputs(
   TORCH_CHECK_VALUE(
       std::isfinite(p.scale), op, ": scale must be a finite number, got ", p.scale,
       " (it multiplies every score; a NaN or infinite scale makes every softmax NaN).");
+  TORCH_CHECK_VALUE(
+      std::isfinite(static_cast<float>(p.scale)), op, ": scale must be finite in float32 (|scale| < 3.4e38), got ",
+      p.scale, "; the kernels multiply the queries by it in float32, where it would be infinite.");
 
   // map_batch: distinct batch entries, in the caller's order.
   p.map_slot.assign(p.batch, -1);
@@ -134,41 +177,45 @@ AttentionMapsProblem check_attention_with_maps_inputs(
     }
   }
 
-  if (probe_index.has_value() && probe_index->defined()) {
-    const at::Tensor& idx = *probe_index;
-    TORCH_CHECK_VALUE(
-        idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
-        ": probe_index must be an integer (int64) tensor of query indices, got ",
-        idx.scalar_type(), ".");
-    TORCH_CHECK_VALUE(
-        idx.dim() == 1, op, ": probe_index must be 1-D [P], got shape ", shape_string(idx), ".");
-    const at::Tensor host = idx.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* data = host.data_ptr<int64_t>();
-    p.probe_index.assign(data, data + host.numel());
-    for (const int64_t index : p.probe_index) {
-      TORCH_CHECK_VALUE(
-          index >= 0 && index < p.num_queries, op, ": probe_index entry ", index,
-          " is out of range for ", p.num_queries, " queries; entries must lie in [0, ",
-          p.num_queries, ").");
-    }
+  if (given(probe_index)) {
+    p.probe_index = read_positions(op, "probe_index", *probe_index, p.num_queries, "query", /*distinct=*/false);
   }
+  const auto queries = read_index_set(op, "map_queries", map_queries, p.num_queries, "query");
+  const auto keys = read_index_set(op, "map_keys", map_keys, p.num_keys, "key");
+  const auto mask = read_key_mask(op, key_padding_mask, q, p.batch, p.num_keys);
+  build_token_order(op, p, queries, keys, mask);
 
-  if (query_weights.has_value() && query_weights->defined()) {
+  if (given(query_weights)) {
     const at::Tensor& w = *query_weights;
+    const int64_t nqm = p.num_map_queries;
     TORCH_CHECK_VALUE(
         at::isFloatingType(w.scalar_type()), op,
         ": query_weights must be a floating-point tensor, got ", w.scalar_type(), ".");
     TORCH_CHECK_VALUE(
         w.device() == q.device(), op, ": query_weights must be on q's device ", q.device(),
         ", got ", w.device(), ".");
-    const bool per_batch = w.dim() == 2 && w.size(0) == p.batch && w.size(1) == p.num_queries;
-    const bool shared = w.dim() == 1 && w.size(0) == p.num_queries;
+    const bool per_batch = w.dim() == 2 && w.size(0) == p.batch && w.size(1) == nqm;
+    const bool shared = w.dim() == 1 && w.size(0) == nqm;
     TORCH_CHECK_VALUE(
-        per_batch || shared, op, ": query_weights must have shape [batch, queries] = [", p.batch,
-        ", ", p.num_queries, "] or [queries] = [", p.num_queries, "], got ", shape_string(w), ".");
-    p.query_weights = (shared ? w.unsqueeze(0).expand({p.batch, p.num_queries}) : w)
-                          .to(at::kFloat)
-                          .contiguous();
+        per_batch || shared, op, ": query_weights must have shape [batch, mapped queries] = [", p.batch,
+        ", ", nqm, "] or [mapped queries] = [", nqm, "] (one weight per map_queries entry, or per query when ",
+        "map_queries is None), got ", shape_string(w), ".");
+    TORCH_CHECK_VALUE(
+        !(w.requires_grad() && c10::GradMode::is_enabled()), op,
+        ": query_weights requires grad, but the op is inference-only and has no backward; pass "
+        "query_weights.detach(), or call it under torch.no_grad() or torch.inference_mode().");
+    p.query_weights = (shared ? w.unsqueeze(0).expand({p.batch, nqm}) : w).to(at::kFloat).contiguous();
+    // A NaN or infinite weight would make the whole reference map NaN (it is a sum over queries).
+    if (!at::isfinite(p.query_weights).all().item<bool>()) {
+      const at::Tensor bad = at::logical_not(at::isfinite(p.query_weights)).nonzero();
+      const at::Tensor first = bad[0].cpu();
+      const int64_t row = first[0].item<int64_t>();
+      const int64_t column = first[1].item<int64_t>();
+      TORCH_CHECK_VALUE(
+          false, op, ": query_weights must be finite, got ", p.query_weights.select(0, row)[column].item<float>(),
+          " at ", shared ? "index " : "[batch, index] ", shared ? "" : std::to_string(row) + ", ", column,
+          " (after conversion to float32).");
+    }
   }
 
   if (c10::GradMode::is_enabled()) {
@@ -178,39 +225,6 @@ AttentionMapsProblem check_attention_with_maps_inputs(
         "torch.no_grad() or torch.inference_mode(), or detach the inputs.");
   }
   return p;
-}
-
-void check_map_accumulators(
-    const char* op,
-    const AttentionMapsProblem& p,
-    const at::Tensor& q,
-    const at::Tensor& generated,
-    const at::Tensor& reference,
-    const std::optional<at::Tensor>& probes) {
-  const int64_t bm = p.map_count();
-  check_accumulator(op, "generated", generated, q, {bm, p.heads, p.num_queries}, "[maps, heads, queries]");
-  check_accumulator(op, "reference", reference, q, {bm, p.heads, p.num_keys}, "[maps, heads, keys]");
-  const bool have_probes = probes.has_value() && probes->defined();
-  if (have_probes) {
-    check_accumulator(
-        op, "probes", *probes, q, {bm, p.heads, p.probe_count(), p.num_keys},
-        "[maps, heads, probes, keys]");
-  } else {
-    TORCH_CHECK_VALUE(
-        p.probe_count() == 0 || bm == 0, op, ": probe_index has ", p.probe_count(),
-        " entries but no probes accumulator was given; pass probes as a float32 tensor of shape [",
-        bm, ", ", p.heads, ", ", p.probe_count(), ", ", p.num_keys, "].");
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> make_map_accumulators(
-    const AttentionMapsProblem& p, const at::Tensor& q) {
-  const auto options = q.options().dtype(at::kFloat);
-  const int64_t bm = p.map_count();
-  return {
-      at::zeros({bm, p.heads, p.num_queries}, options),
-      at::zeros({bm, p.heads, p.num_keys}, options),
-      at::zeros({bm, p.heads, p.probe_count(), p.num_keys}, options)};
 }
 
 }  // namespace i2am_fast

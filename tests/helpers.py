@@ -1,26 +1,60 @@
-"""Helpers shared by the test modules: random inputs and the comparison against the float64 reference.
+"""Helpers shared by the op tests: inputs, tolerances and the comparison with the float64 reference.
 
-Every numerical comparison of an op result is against ``attention_with_maps_reference(...,
-compute_dtype=float64)`` computed from the SAME inputs (half/bf16 inputs are upcast exactly);
-the tolerances are tabulated in tests/test_attention_with_maps.py. Test modules import from
-here, never from each other.
+Every numerical comparison is against ``attention_with_maps_reference(..., compute_dtype=float64)``
+computed from the SAME inputs (half/bf16 inputs are upcast exactly), with
+
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * expected.abs().max())
+
+Tolerances (``tolerance(device, dtype, what)``):
+
+    | device | input dtype       | maps rtol | output                                                    |
+    |--------|-------------------|-----------|-----------------------------------------------------------|
+    | cpu    | float32           | 1e-5      | rtol 1e-5                                                 |
+    | cpu    | float64           | 1e-5      | rtol 1e-10                                                |
+    | cpu    | float16, bfloat16 | 1e-5      | max|op - ref| <= 2 * max|SDPA(same dtype) - ref|          |
+    |        |                   |           |                  + eps(dtype) * max|ref|                  |
+    | cuda   | float32           | 1e-4      | rtol 1e-4                                                 |
+    | cuda   | float16, bfloat16 | 1e-2      | same SDPA-relative bound as on cpu                        |
+
+Maps are float32 for every input dtype; on CPU the op upcasts half/bf16 inputs exactly and
+accumulates in float32, hence one maps tolerance there. On CUDA half inputs go through tensor
+cores, hence 1e-2.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import i2am_fast
 from i2am_fast.ops.reference import attention_with_maps_reference
 
+CUDA = torch.cuda.is_available()
+skip_no_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available: CUDA cases skipped")
+DEVICES = ["cpu", pytest.param("cuda", marks=skip_no_cuda)]
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
 SIGMA = 1.5  # input scale: softmaxes neither uniform nor one-hot
+
+
+def device_dtype_params(dtypes=ALL_DTYPES):
+    """(device, dtype) pairs for numerical tests: every device x dtype except float64 on CUDA
+    (which is an error case, tested with the bad inputs)."""
+    params = []
+    for device in ("cpu", "cuda"):
+        for dtype in dtypes:
+            if device == "cuda" and dtype == torch.float64:
+                continue
+            marks = [skip_no_cuda] if device == "cuda" else []
+            params.append(pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}"))
+    return params
 
 
 def tolerance(device, dtype, what):
     """rtol for comparing against the float64 reference.
 
-    what = "maps": generated/reference/probes (float32 for every input dtype).
+    what = "maps": generated/reference/probes/share (float32 for every input dtype).
     what = "output": the attention output; None for float16/bfloat16, whose output is judged
     against SDPA in the same dtype instead (see assert_output_close)."""
     if what == "maps":
@@ -45,14 +79,15 @@ def assert_close_rel(actual, expected, rtol, what):
     )
 
 
-def assert_output_close(actual, expected, q, k, v, scale, device, dtype):
+def assert_output_close(actual, expected, q, k, v, scale, device, dtype, key_padding_mask=None):
     """Output of the op vs the float64 reference. For float16/bfloat16: the op's max abs error
     may be at most 2x that of torch SDPA in the same dtype, plus eps(dtype) * max|ref|."""
     rtol = tolerance(device, dtype, "output")
     if rtol is not None:
         assert_close_rel(actual, expected, rtol, "output vs float64 reference")
         return
-    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     expected = expected.double()
     err_sdpa = (sdpa.double() - expected).abs().max().item()
     err_op = (actual.double() - expected).abs().max().item()
@@ -95,28 +130,36 @@ def reference(q, k, v, **kw):
     return attention_with_maps_reference(q, k, v, compute_dtype=torch.float64, **kw)
 
 
-def check_types_and_shapes(res, q, k, v, Bm, P):
+def check_types_and_shapes(res, q, k, v, Bm, P, Nqm=None, Nkm=None):
     B, H, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
+    Nqm = Nq if Nqm is None else Nqm
+    Nkm = Nk if Nkm is None else Nkm
     assert isinstance(res, i2am_fast.AttentionWithMaps)
     assert res.output.shape == (B, H, Nq, Dv) and res.output.dtype == q.dtype
-    assert res.generated.shape == (Bm, H, Nq) and res.generated.dtype == torch.float32
-    assert res.reference.shape == (Bm, H, Nk) and res.reference.dtype == torch.float32
-    assert res.probes.shape == (Bm, H, P, Nk) and res.probes.dtype == torch.float32
+    assert res.generated.shape == (Bm, H, Nqm) and res.generated.dtype == torch.float32
+    assert res.reference.shape == (Bm, H, Nkm) and res.reference.dtype == torch.float32
+    assert res.probes.shape == (Bm, H, P, Nkm) and res.probes.dtype == torch.float32
+    assert res.share.shape == (Bm, H, Nqm) and res.share.dtype == torch.float32
     for t in res:
         assert t.device == q.device
 
 
-def check_against_reference(res, q, k, v, device, dtype, **kw):
+def check_against_reference(res, q, k, v, device, dtype, maps_rtol=None, **kw):
     """Full comparison of one op result with the float64 reference on the same inputs."""
     exp = reference(q, k, v, **kw)
     probe_index = kw.get("probe_index")
     check_types_and_shapes(
-        res, q, k, v, Bm=exp.generated.shape[0], P=0 if probe_index is None else probe_index.numel()
+        res, q, k, v, Bm=exp.generated.shape[0], P=0 if probe_index is None else len(probe_index),
+        Nqm=exp.generated.shape[2], Nkm=exp.reference.shape[2],
     )
-    rtol = tolerance(device, dtype, "maps")
+    rtol = tolerance(device, dtype, "maps") if maps_rtol is None else maps_rtol
     assert_close_rel(res.generated, exp.generated, rtol, "generated map vs float64 reference")
     assert_close_rel(res.reference, exp.reference, rtol, "reference map vs float64 reference")
     assert_close_rel(res.probes, exp.probes, rtol, "probes vs float64 reference")
-    assert_output_close(res.output, exp.output, q, k, v, kw.get("scale"), device, dtype)
+    if res.share is not None:
+        assert_close_rel(res.share, exp.share, rtol, "share vs float64 reference")
+    assert_output_close(
+        res.output, exp.output, q, k, v, kw.get("scale"), device, dtype, kw.get("key_padding_mask")
+    )
     return exp

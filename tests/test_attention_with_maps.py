@@ -1,27 +1,11 @@
 """Tests of i2am_fast.attention_with_maps(_accumulate) against the materialising reference.
 
 Every numerical comparison is against ``attention_with_maps_reference(..., compute_dtype=float64)``
-computed from the SAME inputs (half/bf16 inputs are upcast exactly), with
-
-    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * expected.abs().max())
-
-Tolerances (``tolerance(device, dtype, what)``):
-
-    | device | input dtype       | maps rtol | output                                                    |
-    |--------|-------------------|-----------|-----------------------------------------------------------|
-    | cpu    | float32           | 1e-5      | rtol 1e-5                                                 |
-    | cpu    | float64           | 1e-5      | rtol 1e-10                                                |
-    | cpu    | float16, bfloat16 | 1e-5      | max|op - ref| <= 2 * max|SDPA(same dtype) - ref|          |
-    |        |                   |           |                  + eps(dtype) * max|ref|                  |
-    | cuda   | float32           | 1e-4      | rtol 1e-4                                                 |
-    | cuda   | float16, bfloat16 | 1e-2      | same SDPA-relative bound as on cpu                        |
-    | cuda   | float64           | (error case: float64 is CPU-only)                                     |
-
-Maps are float32 for every input dtype; on CPU the op upcasts half/bf16 inputs exactly and
-accumulates in float32, hence one maps tolerance there. On CUDA half inputs go through tensor
-cores, hence 1e-2.
-
-The CUDA cases come from the same parameter lists and are skipped (visibly) without CUDA.
+computed from the SAME inputs, at the tolerances of ``helpers`` (maps 1e-5 relative on CPU
+for every dtype; output 1e-5 in float32, twice SDPA's own error in float16/bfloat16). float64 on
+CUDA is an error case. The CUDA cases come from the same parameter lists and are skipped
+(visibly) without CUDA. The maps of a sub-block (map_queries, map_keys, key_padding_mask) are
+tested in test_op_token_layouts.py, hostile inputs in test_op_hostile_inputs.py.
 """
 
 from __future__ import annotations
@@ -34,6 +18,23 @@ import torch.nn.functional as F
 
 import i2am_fast
 from i2am_fast.ops.reference import attention_with_maps_reference
+from helpers import (  # noqa: F401  (SIGMA ... reference are also imported from here by other test modules)
+    ALL_DTYPES,
+    CUDA,
+    DEVICES,
+    SIGMA,
+    assert_close_rel,
+    assert_output_close,
+    check_against_reference,
+    check_types_and_shapes,
+    default_probes,
+    device_dtype_params,
+    make_qkv,
+    make_query_weights,
+    reference,
+    skip_no_cuda as _skip_no_cuda,
+    tolerance,
+)
 
 from helpers import (
     SIGMA,
@@ -49,27 +50,6 @@ from helpers import (
 # ----------------------------------------------------------------------------------------------
 # Parameter lists
 # ----------------------------------------------------------------------------------------------
-
-CUDA = torch.cuda.is_available()
-_skip_no_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available: CUDA cases skipped")
-
-DEVICES = ["cpu", pytest.param("cuda", marks=_skip_no_cuda)]
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def device_dtype_params(dtypes=ALL_DTYPES):
-    """(device, dtype) pairs for numerical tests: every device x dtype except float64 on CUDA
-    (which is an error case, tested in test_bad_input_raises_value_error)."""
-    params = []
-    for device in ("cpu", "cuda"):
-        for dtype in dtypes:
-            if device == "cuda" and dtype == torch.float64:
-                continue
-            marks = [_skip_no_cuda] if device == "cuda" else []
-            params.append(pytest.param(device, dtype, marks=marks, id=f"{device}-{str(dtype)[6:]}"))
-    return params
-
 
 # (B, H, Nq, Nk, D, Dv)
 SHAPES = [
@@ -117,7 +97,6 @@ PROBE_CASES = [
 ACCUMULATOR_LAYOUTS = ["contiguous", "state-slice", "transposed", "last-dim-strided"]
 
 INPUT_LAYOUTS = ["diffusers-transpose", "last-dim-strided", "expanded-batch", "permuted-memory"]
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +432,7 @@ def _accs(Bm=_B, P=0, device="cpu", **over):
         generated=torch.zeros(Bm, _H, _NQ, device=device),
         reference=torch.zeros(Bm, _H, _NK, device=device),
         probes=torch.zeros(Bm, _H, P, _NK, device=device) if P else None,
+        share=None,
     )
     a.update(over)
     return a
@@ -464,7 +444,7 @@ def _call(q, k, v, **kw):
 
 def _call_acc(q, k, v, accs, **kw):
     return lambda: i2am_fast.attention_with_maps_accumulate(
-        q, k, v, accs["generated"], accs["reference"], accs["probes"], **kw
+        q, k, v, accs["generated"], accs["reference"], accs["probes"], accs["share"], **kw
     )
 
 
@@ -517,6 +497,32 @@ BAD_INPUT_CASES = [
     ("scale-nan", lambda d: _call(*_base(d), scale=float("nan")), "scale", False),
     ("scale-inf", lambda d: _call(*_base(d), scale=float("inf")), "scale", False),
     ("scale-minus-inf", lambda d: _call(*_base(d), scale=float("-inf")), "scale", False),
+    # --- map_queries / map_keys / key_padding_mask
+    ("map_queries-duplicate", lambda d: _call(*_base(d), map_queries=torch.tensor([1, 3, 1], device=d)), "map_queries", False),
+    ("map_queries-out-of-range", lambda d: _call(*_base(d), map_queries=torch.tensor([0, _NQ], device=d)), "map_queries", False),
+    ("map_queries-negative", lambda d: _call(*_base(d), map_queries=torch.tensor([-1, 2], device=d)), "map_queries", False),
+    ("map_queries-float", lambda d: _call(*_base(d), map_queries=torch.tensor([0.0, 1.0], device=d)), "map_queries", False),
+    ("map_queries-bool", lambda d: _call(*_base(d), map_queries=torch.ones(_NQ, dtype=torch.bool, device=d)), "map_queries", False),
+    ("map_queries-2d", lambda d: _call(*_base(d), map_queries=torch.zeros(1, 2, dtype=torch.int64, device=d)), "map_queries", False),
+    ("map_queries-empty", lambda d: _call(*_base(d), map_queries=torch.zeros(0, dtype=torch.int64, device=d)), "map_queries", False),
+    ("map_keys-duplicate", lambda d: _call(*_base(d), map_keys=torch.tensor([4, 4], device=d)), "map_keys", False),
+    ("map_keys-out-of-range", lambda d: _call(*_base(d), map_keys=torch.tensor([_NK], device=d)), "map_keys", False),
+    ("map_keys-float", lambda d: _call(*_base(d), map_keys=torch.tensor([1.0], dtype=torch.float64, device=d)), "map_keys", False),
+    ("map_keys-bool", lambda d: _call(*_base(d), map_keys=torch.tensor([True, False], device=d)), "map_keys", False),
+    ("map_keys-empty", lambda d: _call(*_base(d), map_keys=[]), "map_keys", False),
+    ("mask-float", lambda d: _call(*_base(d), key_padding_mask=torch.ones(_B, _NK, device=d)), "key_padding_mask", False),
+    ("mask-int", lambda d: _call(*_base(d), key_padding_mask=torch.ones(_B, _NK, dtype=torch.int64, device=d)), "key_padding_mask", False),
+    ("mask-wrong-keys", lambda d: _call(*_base(d), key_padding_mask=torch.ones(_B, _NK + 1, dtype=torch.bool, device=d)), "key_padding_mask", False),
+    ("mask-wrong-batch", lambda d: _call(*_base(d), key_padding_mask=torch.ones(1, _NK, dtype=torch.bool, device=d)), "key_padding_mask", False),
+    ("mask-4d", lambda d: _call(*_base(d), key_padding_mask=torch.ones(_B, 1, 1, _NK, dtype=torch.bool, device=d)), "key_padding_mask", False),
+    ("mask-all-keys-masked", lambda d: _call(*_base(d), key_padding_mask=torch.tensor([[True] * _NK, [False] * _NK], device=d)), "key_padding_mask", False),
+    ("mask-on-cpu", lambda d: _call(*_base(d), key_padding_mask=torch.ones(_B, _NK, dtype=torch.bool)), "key_padding_mask", True),
+    ("query_weights-length-of-Nq-not-Nqm", lambda d: _call(*_base(d), map_queries=torch.tensor([0, 2], device=d), query_weights=torch.ones(_NQ, device=d)), "query_weights", False),
+    ("query_weights-[B,Nq]-not-[B,Nqm]", lambda d: _call(*_base(d), map_queries=torch.tensor([0, 2], device=d), query_weights=torch.ones(_B, _NQ, device=d)), "query_weights", False),
+    ("acc-generated-Nq-not-Nqm", lambda d: _call_acc(*_base(d), _accs(device=d), map_queries=torch.tensor([1, 2], device=d)), "generated", False),
+    ("acc-reference-Nk-not-Nkm", lambda d: _call_acc(*_base(d), _accs(device=d), map_keys=torch.tensor([1, 2], device=d)), "reference", False),
+    ("acc-share-wrong-shape", lambda d: _call_acc(*_base(d), _accs(device=d, share=torch.zeros(_B, _H, _NK, device=d))), "share", False),
+    ("acc-share-float64", lambda d: _call_acc(*_base(d), _accs(device=d, share=torch.zeros(_B, _H, _NQ, dtype=torch.float64, device=d))), "share", False),
     # --- through attention_with_maps_accumulate
     ("acc-generated-wrong-shape", lambda d: _call_acc(*_base(d), _accs(device=d, generated=torch.zeros(_B, _H, _NQ + 1, device=d))), "generated", False),
     ("acc-generated-float64", lambda d: _call_acc(*_base(d), _accs(device=d, generated=torch.zeros(_B, _H, _NQ, dtype=torch.float64, device=d))), "generated", False),
@@ -628,6 +634,16 @@ def test_opcheck_attention_with_maps_accumulate(device, case):
         torch.rand(Bm, H, P, Nk, generator=g).to(device) if P else None,
     )
     torch.library.opcheck(torch.ops.i2am_fast.attention_with_maps_accumulate.default, (q, k, v) + accs, kwargs)
+
+
+def test_functional_op_is_one_composite_kernel_over_accumulate():
+    """Each back end registers only the accumulating kernel; the functional op is registered once
+    (zeros + accumulate through the dispatcher), so the two cannot compute different things."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    functional, accumulate = "i2am_fast::attention_with_maps", "i2am_fast::attention_with_maps_accumulate"
+    assert has(functional, "CompositeExplicitAutograd")
+    assert not has(functional, "CPU")
+    assert has(accumulate, "CPU") and not has(accumulate, "CompositeExplicitAutograd")
 
 
 @pytest.fixture

@@ -127,33 +127,45 @@ I2AM_VEC_INLINE T exp_row_scalar(T* __restrict s, T shift, int64_t n, T weight, 
 }
 
 template <typename T>
-I2AM_VEC_INLINE T exp_diff_sum_scalar(const T* __restrict s, const T* __restrict c, int64_t n) {
+I2AM_VEC_INLINE T exp_diff_dot_scalar(const T* __restrict s, const T* __restrict c, const T* __restrict m, int64_t n) {
   T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
-    sum += exp_scalar(s[j] - c[j]);
+    sum += exp_scalar(s[j] - c[j]) * m[j];
   }
   return sum;
 }
 
 template <typename T>
 I2AM_VEC_INLINE T map_row_scalar(
-    T* __restrict s, T shift, int64_t n, const T* __restrict u, T weight, T* __restrict reference_part) {
+    T* __restrict s, T shift, T inv_sum, int64_t n, const T* __restrict u, T weight, T* __restrict reference_part,
+    T* p_sum) {
   T dot = 0;
+  T sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     const T e = exp_scalar(s[j] - shift);
-    s[j] = e;
-    reference_part[j] += weight * e;
+    const T p = e * inv_sum;
+    s[j] = p;
+    sum += p;
+    reference_part[j] += weight * p;
     if (u != nullptr) {
       dot += e * u[j];
     }
   }
+  *p_sum += sum;
   return dot;
 }
 
 template <typename T>
-I2AM_VEC_INLINE void exp_of_difference_scalar(T a, const T* __restrict c, T* __restrict y, int64_t n) {
+I2AM_VEC_INLINE void softmax_row_scalar(T* __restrict s, T shift, T inv_sum, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    y[j] = exp_scalar(a - c[j]);
+    s[j] = exp_scalar(s[j] - shift) * inv_sum;
+  }
+}
+
+template <typename T>
+I2AM_VEC_INLINE void exp_of_difference_scalar(T a, const T* __restrict c, const T* __restrict m, T* __restrict y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = exp_scalar(a - c[j]) * m[j];
   }
 }
 
@@ -196,42 +208,58 @@ I2AM_CPU_MULTIVERSION float exp_row_in_place(
       exp_row_scalar(s + j, shift, n - j, weight, col_sum == nullptr ? nullptr : col_sum + j);
 }
 
-I2AM_CPU_MULTIVERSION float exp_diff_sum(const float* __restrict s, const float* __restrict c, int64_t n) {
+I2AM_CPU_MULTIVERSION float exp_diff_dot(
+    const float* __restrict s, const float* __restrict c, const float* __restrict m, int64_t n) {
   VecF sum = splat(0.0f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    sum += exp_vec(load(s + j) - load(c + j));
+    sum += exp_vec(load(s + j) - load(c + j)) * load(m + j);
   }
-  return reduce_sum(sum) + exp_diff_sum_scalar(s + j, c + j, n - j);
+  return reduce_sum(sum) + exp_diff_dot_scalar(s + j, c + j, m + j, n - j);
 }
 
 I2AM_CPU_MULTIVERSION float map_row_in_place(
     float* __restrict s,
     float shift,
+    float inv_sum,
     int64_t n,
     const float* __restrict u,
     float weight,
-    float* __restrict reference_part) {
+    float* __restrict reference_part,
+    float* p_sum) {
   VecF dot = splat(0.0f);
+  VecF sum = splat(0.0f);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     const VecF e = exp_vec(load(s + j) - shift);
-    store(s + j, e);
-    store(reference_part + j, load(reference_part + j) + weight * e);
+    const VecF p = e * inv_sum;
+    store(s + j, p);
+    sum += p;
+    store(reference_part + j, load(reference_part + j) + weight * p);
     if (u != nullptr) {
       dot += e * load(u + j);
     }
   }
+  *p_sum += reduce_sum(sum);
   return reduce_sum(dot) +
-      map_row_scalar(s + j, shift, n - j, u == nullptr ? nullptr : u + j, weight, reference_part + j);
+      map_row_scalar(s + j, shift, inv_sum, n - j, u == nullptr ? nullptr : u + j, weight, reference_part + j, p_sum);
 }
 
-I2AM_CPU_MULTIVERSION void exp_of_difference(float a, const float* __restrict c, float* __restrict y, int64_t n) {
+I2AM_CPU_MULTIVERSION void softmax_row_in_place(float* __restrict s, float shift, float inv_sum, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    store(y + j, exp_vec(a - load(c + j)));
+    store(s + j, exp_vec(load(s + j) - shift) * inv_sum);
   }
-  exp_of_difference_scalar(a, c + j, y + j, n - j);
+  softmax_row_scalar(s + j, shift, inv_sum, n - j);
+}
+
+I2AM_CPU_MULTIVERSION void exp_of_difference(
+    float a, const float* __restrict c, const float* __restrict m, float* __restrict y, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    store(y + j, exp_vec(a - load(c + j)) * load(m + j));
+  }
+  exp_of_difference_scalar(a, c + j, m + j, y + j, n - j);
 }
 
 // ------------------------------- double: the float64 path --------------------------------
@@ -242,20 +270,25 @@ double row_max(const double* __restrict s, int64_t n, double* __restrict col_max
 double exp_row_in_place(double* __restrict s, double shift, int64_t n, double weight, double* __restrict col_sum) {
   return exp_row_scalar(s, shift, n, weight, col_sum);
 }
-double exp_diff_sum(const double* __restrict s, const double* __restrict c, int64_t n) {
-  return exp_diff_sum_scalar(s, c, n);
+double exp_diff_dot(const double* __restrict s, const double* __restrict c, const double* __restrict m, int64_t n) {
+  return exp_diff_dot_scalar(s, c, m, n);
 }
 double map_row_in_place(
     double* __restrict s,
     double shift,
+    double inv_sum,
     int64_t n,
     const double* __restrict u,
     double weight,
-    double* __restrict reference_part) {
-  return map_row_scalar(s, shift, n, u, weight, reference_part);
+    double* __restrict reference_part,
+    double* p_sum) {
+  return map_row_scalar(s, shift, inv_sum, n, u, weight, reference_part, p_sum);
 }
-void exp_of_difference(double a, const double* __restrict c, double* __restrict y, int64_t n) {
-  exp_of_difference_scalar(a, c, y, n);
+void softmax_row_in_place(double* __restrict s, double shift, double inv_sum, int64_t n) {
+  softmax_row_scalar(s, shift, inv_sum, n);
+}
+void exp_of_difference(double a, const double* __restrict c, const double* __restrict m, double* __restrict y, int64_t n) {
+  exp_of_difference_scalar(a, c, m, y, n);
 }
 
 }  // namespace i2am_fast::cpu

@@ -21,17 +21,24 @@ double row_max(const double* __restrict s, int64_t n, double* __restrict col_max
 float exp_row_in_place(float* __restrict s, float shift, int64_t n, float weight, float* __restrict col_sum);
 double exp_row_in_place(double* __restrict s, double shift, int64_t n, double weight, double* __restrict col_sum);
 
-// Returns sum_j exp(s[j] - c[j]); the exact path for tiles where reuse is not safe.
-float exp_diff_sum(const float* s, const float* c, int64_t n);
-double exp_diff_sum(const double* s, const double* c, int64_t n);
+// Returns sum_j exp(s[j] - c[j]) * m[j]; the exact path for tiles where reuse is not safe
+// (c: column maxima, m: their inverse sums).
+float exp_diff_dot(const float* s, const float* c, const float* m, int64_t n);
+double exp_diff_dot(const double* s, const double* c, const double* m, int64_t n);
 
-// Pass-2 row, in place: s[j] <- e[j] = exp(s[j] - shift) (the key-axis softmax row);
-// reference_part[j] += weight * e[j]; returns sum_j e[j] * u[j] (u null: returns 0).
-float map_row_in_place(float* __restrict s, float shift, int64_t n, const float* __restrict u, float weight, float* __restrict reference_part);
-double map_row_in_place(double* __restrict s, double shift, int64_t n, const double* __restrict u, double weight, double* __restrict reference_part);
+// Pass-2 row, in place: s[j] <- p[j] = exp(s[j] - shift) * inv_sum (the key-axis softmax row,
+// shift and inv_sum the row's max and 1 / sum); reference_part[j] += weight * p[j];
+// *p_sum += sum_j p[j] (the row's reference share); returns sum_j exp(s[j] - shift) * u[j]
+// (u null: returns 0).
+float map_row_in_place(float* __restrict s, float shift, float inv_sum, int64_t n, const float* __restrict u, float weight, float* __restrict reference_part, float* p_sum);
+double map_row_in_place(double* __restrict s, double shift, double inv_sum, int64_t n, const double* __restrict u, double weight, double* __restrict reference_part, double* p_sum);
 
-// y[j] = exp(a - c[j]), the per-column factors e^(A - colLSE) of the reuse path.
-void exp_of_difference(float a, const float* __restrict c, float* __restrict y, int64_t n);
-void exp_of_difference(double a, const double* __restrict c, double* __restrict y, int64_t n);
+// s[j] <- exp(s[j] - shift) * inv_sum: a key-axis softmax row that only probes need.
+void softmax_row_in_place(float* __restrict s, float shift, float inv_sum, int64_t n);
+void softmax_row_in_place(double* __restrict s, double shift, double inv_sum, int64_t n);
+
+// y[j] = exp(a - c[j]) * m[j], the per-column factors e^(A - colmax) / colsum of the reuse path.
+void exp_of_difference(float a, const float* __restrict c, const float* __restrict m, float* __restrict y, int64_t n);
+void exp_of_difference(double a, const double* __restrict c, const double* __restrict m, double* __restrict y, int64_t n);
 
 }  // namespace i2am_fast::cpu

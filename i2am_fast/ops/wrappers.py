@@ -2,157 +2,85 @@
 
 The operators themselves are C++ (``csrc/``), registered as ``torch.ops.i2am_fast.*`` when
 ``i2am_fast._C`` is imported. The fake kernels below let ``torch.compile`` and
-``torch.export`` trace them: they check the arguments the way the C++ kernels do and return
-empty tensors of the right shapes.
+``torch.export`` trace them: they only compute the output shapes (the argument checks are the
+C++ kernels' own and run with them).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.i2am_fast)
+from .arguments import as_index_list, as_index_tensor, as_scale, require_optional_tensor, require_tensor
 from .types import AttentionWithMaps
 
 __all__ = ["attention_with_maps", "attention_with_maps_accumulate", "AttentionWithMaps"]
 
 IndexList = Union[Sequence[int], torch.Tensor, range, None]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QKV_LAYOUTS = {
+    "q": "[batch, heads, queries, head_dim]",
+    "k": "[batch, heads, keys, head_dim]",
+    "v": "[batch, heads, keys, value_dim]",
+}
 
 
-def _batch_index_list(map_batch: IndexList) -> Optional[list[int]]:
-    """Normalises map_batch to a list of Python ints (or None for every batch entry)."""
-    if map_batch is None:
-        return None
-    if isinstance(map_batch, torch.Tensor):
-        if map_batch.dim() != 1 or map_batch.dtype.is_floating_point or map_batch.dtype == torch.bool:
-            raise ValueError(
-                f"map_batch must be a 1-D integer tensor or a sequence of batch indices, "
-                f"got a {map_batch.dim()}-D {map_batch.dtype} tensor."
-            )
-        return [int(i) for i in map_batch.tolist()]
-    if isinstance(map_batch, (int, bool)) or not isinstance(map_batch, (Sequence, range)):
-        raise ValueError(
-            f"map_batch must be a sequence of batch indices such as [1], got {type(map_batch).__name__}."
-        )
-    out = []
-    for entry in map_batch:
-        if isinstance(entry, bool) or not isinstance(entry, int):
-            raise ValueError(f"map_batch entries must be ints, got {entry!r} ({type(entry).__name__}).")
-        out.append(int(entry))
-    return out
-
-
-def _probe_tensor(probe_index: Union[torch.Tensor, Sequence[int], None]) -> Optional[torch.Tensor]:
-    """Normalises probe_index to a 1-D int64 tensor (or None)."""
-    if probe_index is None or isinstance(probe_index, torch.Tensor):
-        return probe_index
-    if isinstance(probe_index, (Sequence, range)) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in probe_index
-    ):
-        return torch.tensor(list(probe_index), dtype=torch.long)
-    raise ValueError(
-        f"probe_index must be a 1-D int64 tensor or a sequence of query indices, got {probe_index!r}."
+def _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask):
+    """The operator's arguments after scale in schema order, from the Python values given."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(op, name, t, _QKV_LAYOUTS[name])
+    # Only for the messages about out-of-range Python integers; the C++ checks judge the shapes.
+    batch, queries, keys = (t.shape[d] if t.dim() > d else 0 for t, d in ((q, 0), (q, 2), (k, 2)))
+    return (
+        as_scale(op, scale),
+        require_optional_tensor(op, "query_weights", query_weights, "[batch, mapped queries] or [mapped queries]"),
+        as_index_tensor(op, "probe_index", probe_index, queries),
+        as_index_list(op, "map_batch", map_batch, batch),
+        as_index_tensor(op, "map_queries", map_queries, queries),
+        as_index_tensor(op, "map_keys", map_keys, keys),
+        require_optional_tensor(op, "key_padding_mask", key_padding_mask, "bool [batch, keys], True = the key takes part"),
     )
 
 
-def _check_inputs(op, q, k, v, scale, query_weights, probe_index, map_batch):
-    """The C++ checks, for the fake kernels. Returns (Bm, P)."""
-    layouts = {
-        "q": "[batch, heads, queries, head_dim]",
-        "k": "[batch, heads, keys, head_dim]",
-        "v": "[batch, heads, keys, value_dim]",
-    }
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be a 4-D tensor {layouts[name]}, got shape {list(t.shape)}.")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{op}: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on {v.device}.")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{op}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}.")
-    allowed = _SUPPORTED_DTYPES + ((torch.float64,) if q.device.type == "cpu" else ())
-    if q.dtype not in allowed:
-        raise ValueError(f"{op}: q has dtype {q.dtype}; supported are {', '.join(str(d) for d in allowed)} on {q.device.type}.")
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{op}: q, k and v must have the same batch size (dim 0), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}.")
-    if k.shape[1] != H or v.shape[1] != H:
-        raise ValueError(f"{op}: q, k and v must have the same number of heads (dim 1), got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}.")
-    if k.shape[3] != D:
-        raise ValueError(f"{op}: k's head_dim (dim 3) must equal q's, got q {list(q.shape)} and k {list(k.shape)}.")
-    Nk = k.shape[2]
-    if v.shape[2] != Nk:
-        raise ValueError(f"{op}: v must have as many keys (dim 2) as k, got k {list(k.shape)} and v {list(v.shape)}.")
-    for name, size in (("q (queries, dim 2)", Nq), ("k (keys, dim 2)", Nk), ("q and k (head_dim)", D), ("v (value_dim)", v.shape[3])):
-        if size < 1:
-            raise ValueError(f"{op}: {name} has size 0; need at least 1.")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be a finite number, got {scale}.")
-    if map_batch is None:
-        bm = B
-    else:
-        seen = set()
-        for entry in map_batch:
-            if not 0 <= entry < B:
-                raise ValueError(f"{op}: map_batch entry {entry} is out of range for batch size {B}; entries must lie in [0, {B}).")
-            if entry in seen:
-                raise ValueError(f"{op}: map_batch lists batch entry {entry} twice; each entry may get maps once.")
-            seen.add(entry)
-        bm = len(map_batch)
-    p = 0
-    if probe_index is not None:
-        if probe_index.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{op}: probe_index must be an integer (int64) tensor of query indices, got {probe_index.dtype}.")
-        if probe_index.dim() != 1:
-            raise ValueError(f"{op}: probe_index must be 1-D [P], got shape {list(probe_index.shape)}.")
-        p = probe_index.shape[0]
-    if query_weights is not None:
-        if not query_weights.dtype.is_floating_point:
-            raise ValueError(f"{op}: query_weights must be a floating-point tensor, got {query_weights.dtype}.")
-        if query_weights.device != q.device:
-            raise ValueError(f"{op}: query_weights must be on q's device {q.device}, got {query_weights.device}.")
-        if list(query_weights.shape) not in ([B, Nq], [Nq]):
-            raise ValueError(f"{op}: query_weights must have shape [batch, queries] = [{B}, {Nq}] or [queries] = [{Nq}], got {list(query_weights.shape)}.")
-    return bm, p
+# Fake kernels: shapes only. Every argument check lives in C++ (csrc/attention_with_maps_checks.cpp)
+# and runs when the real kernel runs; repeating the checks here would let the two drift apart.
+
+
+def _map_shapes(q, k, v, probe_index, map_batch, map_queries, map_keys):
+    """(B, H, Nq, Dv, Bm, Nqm, Nkm, P) as the C++ kernels will allocate them."""
+    B, H, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Dv = v.shape[3]
+    bm = B if map_batch is None else len(map_batch)
+    nqm = Nq if map_queries is None else map_queries.shape[0]
+    nkm = k.shape[2] if map_keys is None else map_keys.shape[0]
+    p = 0 if probe_index is None else probe_index.shape[0]
+    return B, H, Nq, Dv, bm, nqm, nkm, p
 
 
 @torch.library.register_fake("i2am_fast::attention_with_maps")
-def _attention_with_maps_fake(q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None):
-    bm, p = _check_inputs("attention_with_maps", q, k, v, scale, query_weights, probe_index, map_batch)
-    B, H, Nq, _ = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
+def _attention_with_maps_fake(
+    q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None, map_queries=None, map_keys=None,
+    key_padding_mask=None,
+):
+    B, H, Nq, Dv, bm, nqm, nkm, p = _map_shapes(q, k, v, probe_index, map_batch, map_queries, map_keys)
     f32 = dict(dtype=torch.float32, device=q.device)
     return (
         q.new_empty((B, H, Nq, Dv)),
-        torch.empty((bm, H, Nq), **f32),
-        torch.empty((bm, H, Nk), **f32),
-        torch.empty((bm, H, p, Nk), **f32),
+        torch.empty((bm, H, nqm), **f32),
+        torch.empty((bm, H, nkm), **f32),
+        torch.empty((bm, H, p, nkm), **f32),
+        torch.empty((bm, H, nqm), **f32),
     )
 
 
 @torch.library.register_fake("i2am_fast::attention_with_maps_accumulate")
 def _attention_with_maps_accumulate_fake(
-    q, k, v, generated, reference, probes=None, scale=None, query_weights=None, probe_index=None, map_batch=None
+    q, k, v, generated, reference, probes=None, share=None, scale=None, query_weights=None, probe_index=None,
+    map_batch=None, map_queries=None, map_keys=None, key_padding_mask=None,
 ):
-    op = "attention_with_maps_accumulate"
-    bm, p = _check_inputs(op, q, k, v, scale, query_weights, probe_index, map_batch)
-    B, H, Nq, _ = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
-    expected = {"generated": [bm, H, Nq], "reference": [bm, H, Nk], "probes": [bm, H, p, Nk]}
-    for name, acc in (("generated", generated), ("reference", reference), ("probes", probes)):
-        if acc is None:
-            if p > 0 and bm > 0:
-                raise ValueError(f"{op}: probe_index has {p} entries but no probes accumulator was given; pass probes as a float32 tensor of shape {expected['probes']}.")
-            continue
-        if acc.dtype != torch.float32:
-            raise ValueError(f"{op}: {name} must be a float32 accumulator, got {acc.dtype}.")
-        if acc.device != q.device:
-            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {acc.device}.")
-        if list(acc.shape) != expected[name]:
-            raise ValueError(f"{op}: {name} must have shape {expected[name]}, got {list(acc.shape)}.")
+    B, H, Nq, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
     return q.new_empty((B, H, Nq, Dv))
 
 
@@ -176,38 +104,52 @@ def attention_with_maps(
     query_weights: Optional[torch.Tensor] = None,
     probe_index: Union[torch.Tensor, Sequence[int], None] = None,
     map_batch: IndexList = None,
+    map_queries: Union[torch.Tensor, Sequence[int], None] = None,
+    map_keys: Union[torch.Tensor, Sequence[int], None] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> AttentionWithMaps:
-    """Attention output and the I²AM maps of one cross-attention call, without storing S.
+    """Attention output and the I²AM maps of one attention call, without storing S.
+
+    The maps are taken over the sub-block generated queries ``Qg`` (``map_queries``) x reference
+    keys ``Kr`` (``map_keys``) of the call; with both None (every query, every key) they are the
+    cross-attention maps of the paper. ``P`` below is the model's own softmax over every key that
+    ``key_padding_mask`` lets take part.
 
     Args:
-        q: ``[B, H, Nq, D]`` queries (generated-image patches), float32, float16, bfloat16,
-            or float64 on CPU. Any strides.
-        k: ``[B, H, Nk, D]`` keys (reference tokens).
+        q: ``[B, H, Nq, D]`` queries, float32, float16, bfloat16, or float64 on CPU. Any strides.
+        k: ``[B, H, Nk, D]`` keys. Any strides, including expanded (stride-0) views, read in place.
         v: ``[B, H, Nk, Dv]`` values.
         scale: score scale; default ``1 / sqrt(D)``.
-        query_weights: ``[B, Nq]`` or ``[Nq]`` weights ``w`` of the reference map (eq. 17: the
-            inpainting mask on the layer grid); default all ones.
-        probe_index: query indices ``a`` whose key-softmax rows are returned as probes
-            (specific-reference maps, eq. 16); a 1-D int64 tensor or a sequence of ints.
+        query_weights: ``[B, Nqm]`` or ``[Nqm]`` weights ``w`` of the reference map, one per
+            mapped query in ``map_queries`` order (eq. 17: the inpainting mask on the layer
+            grid); default all ones.
+        probe_index: FULL query positions ``a`` whose key-softmax rows (over the mapped keys)
+            are returned as probes (specific-reference maps, eq. 16); they may lie outside
+            ``Qg``. A 1-D integer tensor or a sequence of ints.
         map_batch: batch entries that get maps, in the order of the map outputs; default all.
             Under classifier-free guidance pass only the conditional half, e.g. ``[1]``.
+        map_queries: ``Qg``, distinct query positions (the generated tokens); default every query.
+        map_keys: ``Kr``, distinct key positions (the reference tokens); default every key.
+        key_padding_mask: bool ``[B, Nk]``, True = the key takes part; masked keys take part in
+            nothing (output and maps). Default: every key takes part.
 
     Returns:
-        ``AttentionWithMaps(output, generated, reference, probes)`` with ``output``
-        ``[B, H, Nq, Dv]`` in q's dtype (``softmax(q kᵀ scale) v``), and float32 maps
-        ``generated [Bm, H, Nq]`` (softmax over queries, mean over keys),
-        ``reference [Bm, H, Nk]`` (softmax over keys, ``w``-weighted mean over queries) and
-        ``probes [Bm, H, P, Nk]`` (softmax-over-keys rows), ``Bm = len(map_batch)``.
+        ``AttentionWithMaps(output, generated, reference, probes, share)``: ``output``
+        ``[B, H, Nq, Dv]`` in q's dtype (``P · v``), and float32 maps in index order,
+        ``generated [Bm, H, Nqm]`` (``g[q] = mean over unmasked k in Kr of softmax over Qg of
+        S[:, k]``), ``reference [Bm, H, Nkm]`` (``r[k] = (1/Nqm) Σ_{q∈Qg} w[q] P[q, k]``),
+        ``probes [Bm, H, P, Nkm]`` (``P[a, k]``), ``share [Bm, H, Nqm]`` (``Σ_{k∈Kr} P[q, k]``),
+        ``Bm = len(map_batch)``. A masked mapped key gives 0 and is left out of the mean.
 
     Raises:
         ValueError: for inputs of the wrong rank, shape, dtype or device, out-of-range or
-            repeated indices, or a non-finite scale; the message names the argument.
+            repeated indices, a mask that leaves an entry no key, or a non-finite scale; the
+            message names the argument.
     """
-    _require_kernels_for(q, "attention_with_maps")
-    out = torch.ops.i2am_fast.attention_with_maps(
-        q, k, v, scale, query_weights, _probe_tensor(probe_index), _batch_index_list(map_batch)
-    )
-    return AttentionWithMaps(*out)
+    op = "attention_with_maps"
+    args = _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask)
+    _require_kernels_for(q, op)
+    return AttentionWithMaps(*torch.ops.i2am_fast.attention_with_maps(q, k, v, *args))
 
 
 def attention_with_maps_accumulate(
@@ -217,32 +159,32 @@ def attention_with_maps_accumulate(
     generated: torch.Tensor,
     reference: torch.Tensor,
     probes: Optional[torch.Tensor] = None,
+    share: Optional[torch.Tensor] = None,
     *,
     scale: Optional[float] = None,
     query_weights: Optional[torch.Tensor] = None,
     probe_index: Union[torch.Tensor, Sequence[int], None] = None,
     map_batch: IndexList = None,
+    map_queries: Union[torch.Tensor, Sequence[int], None] = None,
+    map_keys: Union[torch.Tensor, Sequence[int], None] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Like :func:`attention_with_maps`, but adds the maps into caller-owned accumulators.
 
-    ``generated [Bm, H, Nq]``, ``reference [Bm, H, Nk]`` and ``probes [Bm, H, P, Nk]`` are
-    float32 tensors on q's device, with any strides (slices of a larger state tensor work);
-    ``probes`` may be omitted when there are no probe indices. Nothing else is allocated for
-    the maps, so a tracer can add every call into per-(layer, time group) state.
+    ``generated [Bm, H, Nqm]``, ``reference [Bm, H, Nkm]``, ``probes [Bm, H, P, Nkm]`` and
+    ``share [Bm, H, Nqm]`` are float32 tensors on q's device, with any strides (slices of a
+    larger state tensor work); ``probes`` may be omitted when there are no probe indices, and
+    ``share`` is computed only when given. Nothing else is allocated for the maps, so a tracer
+    can add every call into per-(layer, time group) state.
 
     Returns:
         The attention output ``[B, H, Nq, Dv]`` in q's dtype.
     """
-    _require_kernels_for(q, "attention_with_maps_accumulate")
-    return torch.ops.i2am_fast.attention_with_maps_accumulate(
-        q,
-        k,
-        v,
-        generated,
-        reference,
-        probes,
-        scale,
-        query_weights,
-        _probe_tensor(probe_index),
-        _batch_index_list(map_batch),
-    )
+    op = "attention_with_maps_accumulate"
+    args = _arguments(op, q, k, v, scale, query_weights, probe_index, map_batch, map_queries, map_keys, key_padding_mask)
+    require_tensor(op, "generated", generated, "[maps, heads, mapped queries]")
+    require_tensor(op, "reference", reference, "[maps, heads, mapped keys]")
+    require_optional_tensor(op, "probes", probes, "[maps, heads, probes, mapped keys]")
+    require_optional_tensor(op, "share", share, "[maps, heads, mapped queries]")
+    _require_kernels_for(q, op)
+    return torch.ops.i2am_fast.attention_with_maps_accumulate(q, k, v, generated, reference, probes, share, *args)
