@@ -7,6 +7,8 @@ Commands:
   show   the pictures and report again from a saved maps.safetensors, no model needed
   evaluate  inpainting quality and IMACS of demo-model checkpoints, and their rank correlation
   profile   per-layer memory of attribution (predicted, and measured with --measure)
+  make-dataset, evaluate-dataset  a procedural try-on split; IMACS over a VITON-HD or DressCode
+         split, sharded across processes with accelerate (i2am_fast/dataset/)
 """
 
 from __future__ import annotations
@@ -421,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default=None, help="output folder (default: i2am-fast-show)")
     show.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     show.set_defaults(func=cmd_show)
+
+    from .dataset.commands import add_dataset_commands
+
+    add_dataset_commands(sub)  # make-dataset, evaluate-dataset
     return parser
 
 
