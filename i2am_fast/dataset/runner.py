@@ -177,13 +177,30 @@ def _write_json(path: str, value) -> None:
 
 def _check_settings(out: str, settings: dict) -> None:
     path = os.path.join(out, "run.json")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and read_shards(out):
         with open(path) as f:
             before = json.load(f).get("settings", {})
         differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if differ:
             raise ValueError(f"--out {out} holds a run with other settings ({', '.join(f'{k}: {before.get(k)!r} there, {settings.get(k)!r} now' for k in differ)}); "
                              "resume with the same settings, or choose another --out.")
+
+
+def _check_shared(state, out: str, run: str) -> None:
+    """Every process must see rank 0's files: the shards are merged, and polled, through ``OUT``."""
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    try:
+        with open(os.path.join(out, "run.json")) as f:
+            seen = json.load(f).get("run") == run
+    except (OSError, ValueError):
+        seen = False
+    blind = [r for r, ok in enumerate(gather_object([seen])) if not ok]
+    if blind:
+        raise RuntimeError(f"--out {out} is not shared by all processes: rank(s) {blind} do not see the run.json that "
+                           "rank 0 just wrote there. Put --out on a filesystem every machine mounts (NFS, Lustre, ...).")
 
 
 def evaluate_dataset(build_system: Callable[[torch.device], System], *, data: str, layout: str, out: str,
@@ -208,7 +225,9 @@ def evaluate_dataset(build_system: Callable[[torch.device], System], *, data: st
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     run = broadcast(state, uuid.uuid4().hex[:12])
     if state.is_main_process:
-        _write_json(os.path.join(out, "run.json"), {"settings": settings})
+        _write_json(os.path.join(out, "run.json"), {"settings": settings, "run": run})
+    barrier(state)
+    _check_shared(state, out, run)
     shard = os.path.join(out, "shards", f"rank{rank:05d}-of-{world:05d}.jsonl")
     ids = [p.id for p in pair_list]
     bar = Bar(len(pair_list), progress and state.is_main_process)
@@ -241,6 +260,6 @@ def evaluate_dataset(build_system: Callable[[torch.device], System], *, data: st
     latest = latest_rows(read_shards(out))
     bar(settled_count())
     rows = [latest[i] for i in ids if i in latest]
-    described = settings.get("model") or (system.description if todo else "")
+    described = (system.description if todo else "") or settings.get("model", "")
     return summarise(out, rows, missing=[i for i in ids if i not in latest],
                      meta={"settings": settings, "world_size": world, "system": described})
