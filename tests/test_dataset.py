@@ -156,13 +156,15 @@ def test_two_processes_give_the_same_table_and_render_each_pair_once(viton, refe
 
 
 GUARD_SCRIPT = """
-import os, sys
+import importlib.util, os, sys
 from accelerate import PartialState
-from i2am_fast.dataset.processes import check_world
+spec = importlib.util.spec_from_file_location("processes", sys.argv[2])  # the module alone: a quick start
+processes = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(processes)
 state = PartialState()  # plain: on a machine without GPUs no process group is counted
 with open(os.path.join(sys.argv[1], os.environ["LOCAL_RANK"]), "w") as f:
     f.write(f"{state.process_index} {state.num_processes}")
-check_world(state)
+processes.check_world(state)
 """
 
 
@@ -171,7 +173,8 @@ def test_a_launch_without_process_group_is_refused(viton, tmp_path, monkeypatch)
     """Plain PartialState() under torchrun on CPU: both processes take themselves for rank 0 of 1
     (accelerate's real behaviour), and the guard stops them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "--no-python", sys.executable, "-c", GUARD_SCRIPT, str(tmp_path)]
+           "--master_port", str(_free_port()), "--no-python", sys.executable, "-c", GUARD_SCRIPT, str(tmp_path),
+           os.path.join(os.path.dirname(i2am_fast.__file__), "dataset", "processes.py")]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     for local_rank in ("0", "1"):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LAYOUTS", "DRESSCODE_CATEGORIES", "DRESSCODE_MASK_CLASSES", "Pair", "PairInputs", "read_pairs",
-           "load_pair", "body_parts"]
+           "load_pair", "body_parts", "as_image"]
 
 LAYOUTS = ("viton-hd", "dresscode")
 DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
@@ -207,6 +207,14 @@ def _tensor(img, size, nearest: bool) -> torch.Tensor:
     img = img.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BICUBIC)
     a = torch.from_numpy(np.array(img, dtype=np.float32 if not nearest else np.int64))
     return a.permute(2, 0, 1) / 255.0 if a.dim() == 3 else a
+
+
+def as_image(t: torch.Tensor):
+    """A PIL image from ``[3, H, W]`` (RGB) or ``[H, W]`` (greyscale) values in [0, 1]."""
+    from PIL import Image
+
+    a = (t.detach().float().cpu().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)), "RGB") if a.ndim == 3 else Image.fromarray(a, "L")
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .aggregate import latest_rows, read_shards, summarise
-from .layouts import Pair, PairInputs, load_pair, read_pairs
+from .layouts import Pair, PairInputs, as_image, load_pair, read_pairs
 from .processes import Bar, barrier, broadcast, make_state
 from .storage import COMPACT_NAME, FULL_NAME, IMAGE_NAME, atomic_write, remove_temporaries, write_compact, write_full
 
@@ -84,8 +84,6 @@ def pair_folder(out: str, pair: Pair) -> str:
 def _image(result, size):
     from PIL import Image
 
-    from ..pictures import to_pil
-
     if isinstance(result, Image.Image):
         img = result.convert("RGB")
     else:
@@ -94,7 +92,7 @@ def _image(result, size):
             t = t[0]
         if t.dim() != 3 or t.shape[0] != 3:
             raise ValueError(f"render returned shape {list(t.shape)}; return one [3, H, W] image in [0, 1].")
-        img = to_pil(t)
+        img = as_image(t)
     if (img.height, img.width) != tuple(size):
         raise ValueError(f"render returned a {img.height}x{img.width} image; the system's size is {size[0]}x{size[1]}.")
     return img

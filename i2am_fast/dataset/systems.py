@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .layouts import as_image
 from .runner import System
 
 __all__ = ["demo_system", "pipeline_system", "load_paint_by_example"]
@@ -89,8 +90,6 @@ def pipeline_system(folder: str, steps: int = 50, guidance: float = 5.0,
     _check_folder(folder)  # at once, before any process builds it
 
     def build(device: torch.device) -> System:
-        from ..pictures import to_pil
-
         pipe = load_paint_by_example(folder).to(device)
         pipe.set_progress_bar_config(disable=True)
         h, w = int(size[0]), int(size[1])
@@ -98,8 +97,8 @@ def pipeline_system(folder: str, steps: int = 50, guidance: float = 5.0,
             raise ValueError(f"--height and --width must be multiples of {pipe.vae_scale_factor} for this pipeline.")
 
         def render(inputs, tracer):
-            mask = to_pil(inputs.inpaint_mask).convert("L")
-            return pipe(example_image=to_pil(inputs.garment), image=to_pil(inputs.person), mask_image=mask, height=h,
+            return pipe(example_image=as_image(inputs.garment), image=as_image(inputs.person),
+                        mask_image=as_image(inputs.inpaint_mask), height=h,
                         width=w, num_inference_steps=steps, guidance_scale=guidance,
                         generator=torch.Generator().manual_seed(inputs.seed)).images[0]
 
