@@ -77,7 +77,8 @@ def histogram(rows: Sequence[dict], score: str, path: str, bins: int = 20, size=
     """A histogram PNG of ``score`` over the scored rows, bars stacked by category."""
     from PIL import Image, ImageDraw, ImageFont
 
-    values = [(r[score], r["category"]) for r in rows if not r.get("error") and r.get(score) is not None]
+    values = [(r[score], r["category"]) for r in rows
+              if not r.get("error") and r.get(score) is not None and math.isfinite(r[score])]
     width, height = size
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
