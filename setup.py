@@ -79,7 +79,7 @@ setup(
     # The demo model's trained weights (i2am_fast/demo/train.py, 4000 steps; 6.3 MB).
     package_data={"i2am_fast.demo": ["weights.safetensors"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "diffusers>=0.27", "numpy", "safetensors", "pillow"],
+    install_requires=["torch>=2.4", "diffusers>=0.27", "numpy", "safetensors", "pillow", "accelerate>=1.0"],
     ext_modules=[extension()],
     entry_points={"console_scripts": ["i2am-fast=i2am_fast.cli:main"]},
     cmdclass={"build_ext": BuildExtension},

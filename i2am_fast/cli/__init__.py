@@ -7,6 +7,8 @@ Commands (one module each):
   show      the pictures and report again from a saved maps.safetensors, no model needed
   evaluate  inpainting quality and IMACS of demo-model checkpoints, and their rank correlation
   profile   per-layer memory of attribution (predicted, and measured with --measure; module memory)
+  make-dataset, evaluate-dataset  a procedural try-on split; IMACS over a VITON-HD or DressCode
+            split, sharded across processes with accelerate (i2am_fast/dataset/)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..dataset.commands import add_dataset_commands
 from . import demo, evaluate, memory, run, show
 
 __all__ = ["build_parser", "main"]
@@ -31,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (demo, run, evaluate, memory, show):
         command.add_parser(sub)
+    add_dataset_commands(sub)
     return parser
 
 
