@@ -20,6 +20,7 @@ inputs exist (the 3.4 GB of float32 weights on CPU), which is what attribution c
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -54,10 +55,13 @@ def predicted_materialised_bytes(height, width, conditioning) -> float:
     return 3 * max(r["score_matrix"] for r in rows) + sum(r["authors_maps"] for r in rows)
 
 
-def measure_in_fresh_process(height, width, conditioning, method, steps, env=None) -> dict:
+def measure_in_fresh_process(height, width, conditioning, method, steps, env=None, fixed_layout=False) -> dict:
     # The same one-measurement entry point as `i2am-fast profile --measure` (float32 on the CPU).
     cmd = [sys.executable, "-m", "i2am_fast.tools.measure", json.dumps(SD15_UNET_CONFIG), str(height), str(width),
            conditioning, method, "cpu", str(steps)]
+    if fixed_layout:  # the same address-space layout and hash seed in every process (see --fixed-layout)
+        cmd = ["setarch", platform.machine(), "-R", *cmd]
+        env = dict(env or {}, PYTHONHASHSEED="0")
     out = subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else dict(os.environ, **env))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -73,7 +77,8 @@ def measure_in_this_process(unet, height, width, conditioning, method, steps) ->
         return {"error": f"out of memory: {str(e).splitlines()[0]}"}
 
 
-def run_grid(device, sizes, steps, rounds, conditionings=CONDITIONINGS, methods=METHODS, env=None) -> list[dict]:
+def run_grid(device, sizes, steps, rounds, conditionings=CONDITIONINGS, methods=METHODS, env=None,
+             fixed_layout=False) -> list[dict]:
     """One row per (size, conditioning, method) with the per-round samples and their medians."""
     unet = build_unet(SD15_UNET_CONFIG, device="cuda", dtype=torch.float16) if device == "cuda" else None
     rows = {}
@@ -96,7 +101,7 @@ def run_grid(device, sizes, steps, rounds, conditionings=CONDITIONINGS, methods=
             if device == "cuda":
                 sample = measure_in_this_process(unet, height, width, cond, method, steps)
             else:
-                sample = measure_in_fresh_process(height, width, cond, method, steps, env)
+                sample = measure_in_fresh_process(height, width, cond, method, steps, env, fixed_layout)
             row["samples"].append(sample)
             print(f"round {r + 1}/{rounds} {height}x{width} {cond:8s} {method:13s} {sample}", flush=True)
     for row in rows.values():
@@ -225,20 +230,33 @@ def main():
     parser.add_argument("--fixed-mmap-threshold", action="store_true",
                         help="CPU: run each process with MALLOC_MMAP_THRESHOLD_=131072, so glibc returns every freed "
                              "block of 128 KB or more and the peak RSS tracks live memory (writes cpu-pipeline-live.*)")
+    parser.add_argument("--fixed-layout", action="store_true",
+                        help="CPU: run each process without address-space randomisation (setarch -R) and with "
+                             "PYTHONHASHSEED=0, so that the allocator lays the heap out alike in every process (with "
+                             "randomisation the peak RSS of one and the same step varies by up to about 0.4 GB at "
+                             "1024x768; without it, SDPA's and i2am_fast's repeated to within 0.1 MB)")
+    parser.add_argument("--name", default=None,
+                        help="file name (without extension) of the results in benchmarks/results/ (default: cpu-pipeline, "
+                             "cpu-pipeline-live with --fixed-mmap-threshold, gpu-pipeline-<card> on CUDA); name a partial "
+                             "rerun (--sizes, --conditionings, --methods) so that it does not replace the full table")
     args = parser.parse_args()
+    if args.name is not None and (not args.name or os.sep in args.name or args.name.startswith(".")):
+        raise SystemExit(f"error: --name must be a plain file name, got {args.name!r}.")
     conditionings, methods = args.conditionings.split(","), args.methods.split(",")
     if methods[0] != "sdpa" or not set(methods) <= set(METHODS) or not set(conditionings) <= set(CONDITIONINGS):
         raise SystemExit(f"error: --methods must start with sdpa and use {METHODS}; --conditionings must use {CONDITIONINGS}.")
+    if args.fixed_layout and args.device != "cpu":
+        raise SystemExit("error: --fixed-layout applies to the CPU's fresh processes only.")
     env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.fixed_mmap_threshold else None
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda needs a CUDA GPU and a CUDA build of torch.")
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else SIZES[device]
-    rows = run_grid(device, sizes, STEPS[device], args.rounds, conditionings, methods, env)
+    rows = run_grid(device, sizes, STEPS[device], args.rounds, conditionings, methods, env, args.fixed_layout)
     run_rows = []
     if not args.no_run:
         run_size, run_steps = RUN[device]
-        run_rows = run_grid(device, [run_size], run_steps, args.rounds, conditionings, methods, env)
+        run_rows = run_grid(device, [run_size], run_steps, args.rounds, conditionings, methods, env, args.fixed_layout)
 
     card = describe_machine(device)
     dtype = DTYPE[device]
@@ -254,7 +272,10 @@ def main():
              + f"figures are medians of {args.rounds} rounds (approaches alternating), range = min-max over rounds. "
              f"Peak = {peak}. Above weights = peak minus that figure once the model and inputs exist."
              + (" glibc's mmap threshold fixed at 128 KB (MALLOC_MMAP_THRESHOLD_=131072): freed blocks go back to the "
-                "system, so the peak tracks live memory rather than the allocator's retained heap." if env else ""), ""]
+                "system, so the peak tracks live memory rather than the allocator's retained heap." if env else "")
+             + (" Every process runs without address-space randomisation (setarch -R) and with PYTHONHASHSEED=0, so "
+                "the heap is laid out alike in each and the peak repeats; one fixed layout is one sample of the "
+                "allocator's behaviour, not its average." if args.fixed_layout else ""), ""]
     lines += table(rows, f"## One step ({STEPS[device]} timed step(s) per measurement)")
     if run_rows:
         lines += [""] + table(run_rows, f"## A short run: {RUN[device][1]} steps in one trace at "
@@ -262,7 +283,7 @@ def main():
     text = "\n".join(lines) + "\n"
     os.makedirs(RESULTS, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
-    name = f"gpu-pipeline-{slug}" if device == "cuda" else ("cpu-pipeline-live" if env else "cpu-pipeline")
+    name = args.name or (f"gpu-pipeline-{slug}" if device == "cuda" else ("cpu-pipeline-live" if env else "cpu-pipeline"))
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write(text)
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
