@@ -7,6 +7,8 @@
   ``IPAdapterAttnProcessor2_0``; the first two become one traced layer, an IP-Adapter
   processor one traced layer per image branch (``<name>.ip<j>``; the text branch is not
   traced).
+- **Names**: module names relative to the denoiser, without the ``_orig_mod.`` that
+  ``torch.compile`` inserts.
 - **Interception**: a processor swap (``set_processor``), undone on restore.
 - **Calls**: ``forward(sample, timestep, ...)``, positional or keyword. The latent grid is a
   4-D ``sample``'s ``(h, w)``; the batch is ``[uncond, cond]`` when its two halves are
@@ -65,6 +67,14 @@ class DiffusersUNetAdapter(ModelAdapter):
     def timesteps(self):
         return None if self.scheduler is None else getattr(self.scheduler, "timesteps", None)
 
+    def schedule_position(self):
+        index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
+        return index if isinstance(index, int) else None
+
+    def schedule_order(self) -> int:
+        order = getattr(self.scheduler, "order", 1) if self.scheduler is not None else 1
+        return order if isinstance(order, int) and order >= 1 else 1
+
     @property
     def has_schedule(self) -> bool:
         return self.scheduler is not None
@@ -75,7 +85,9 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0 = _processor_classes()
         chosen = []
-        for name, module in self.root.named_modules():
+        for raw_name, module in self.root.named_modules():
+            # torch.compile wraps a module as `_orig_mod`: the layer keeps its own name.
+            name = ".".join(part for part in raw_name.split(".") if part != "_orig_mod")
             if not (isinstance(module, Attention) and module.is_cross_attention and self.options.keeps(name, module)):
                 continue
             processor = module.processor
@@ -116,13 +128,15 @@ class DiffusersUNetAdapter(ModelAdapter):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if not isinstance(sample, torch.Tensor):
             raise ValueError(f"the traced {type(self.root).__name__} was called without a sample tensor (first argument).")
+        dtype = None
         if isinstance(timestep, torch.Tensor):
+            dtype = timestep.dtype
             timestep = timestep.flatten()[0].item()
         elif timestep is not None:
             timestep = float(timestep)
         grid = (int(sample.shape[-2]), int(sample.shape[-1])) if sample.dim() == 4 else None
         return ModelCall(int(sample.shape[0]), timestep, grid, self._guidance(sample),
-                         describe=f"a sample of shape {list(sample.shape)}")
+                         describe=f"a sample of shape {list(sample.shape)}", timestep_dtype=dtype)
 
     def _guidance(self, sample: torch.Tensor) -> Guidance:
         batch = sample.shape[0]

@@ -79,7 +79,7 @@ class TracedLayer:
                                                       layout.keys.grid)
         self.info = LayerInfo(self.name, tuple(generated_grid), tuple(reference_grid), offset, heads, num_keys)
 
-        groups, images = ctx.time_groups, call.num_images
+        groups, images = call.time_groups, call.num_images
         self.generated = ctx.zeros((groups, images, heads, num_queries), q.device)
         self.reference = ctx.zeros((groups, images, heads, num_keys), q.device)
         if ctx.probe_points:
