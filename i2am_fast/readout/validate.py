@@ -95,8 +95,10 @@ def check_state(path: str, layers: Sequence[dict], meta: dict, shapes: dict, kin
     groups, probes = meta["time_groups"], len(meta["probe_points"])
     images = None
     for d in layers:
-        name, heads, keys = d["name"], d["heads"], d["num_keys"]
+        name, heads = d["name"], d["heads"]
         gh, gw = d["generated_grid"]
+        rh, rw = d["reference_grid"]
+        keys = d["reference_offset"] + rh * rw  # the source's keys (every key of a plain layer)
         for kind in kinds:
             key = f"{name}::{kind}"
             if kind == "probes" and not probes:
@@ -109,7 +111,8 @@ def check_state(path: str, layers: Sequence[dict], meta: dict, shapes: dict, kin
             if len(shape) < 2:
                 raise MapsFileError(path, f"tensor {key!r} has shape {list(shape)}")
             images = shape[1] if images is None else images
-            tail = {"generated": (heads, gh * gw), "reference": (heads, keys), "probes": (heads, probes, keys)}.get(kind)
+            tail = {"generated": (heads, gh * gw), "reference": (heads, keys), "probes": (heads, probes, keys),
+                    "share": (heads, gh * gw)}.get(kind)
             if tail is None:
                 continue  # a kind this reader does not interpret
             expected = (groups, images, *tail)

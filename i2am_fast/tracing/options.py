@@ -8,7 +8,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "DEFAULT_TIME_GROUPS", "LayerSelector", "ReferenceGrid"]
+from ..adapters.layouts import BUILT_IN_LAYOUTS, LayoutFunction
+
+__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "DEFAULT_TIME_GROUPS", "LayerSelector", "Layout", "ReferenceGrid"]
 
 CFG_CHOICES = ("cond", "uncond", "both")
 CFG_LAYOUTS = ("auto", "doubled", "none", "separate")
@@ -16,6 +18,7 @@ DEFAULT_TIME_GROUPS = 5
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[str, torch.nn.Module], bool]]
 ReferenceGrid = Union[None, Sequence[int], Callable[[str, int, tuple], Sequence[int]]]
+Layout = Union[str, LayoutFunction]
 
 
 def _positive_int(value, name: str, allow_none: bool = False):
@@ -93,6 +96,13 @@ class TraceOptions:
             ``"doubled"`` (``[uncond, cond]`` in one batch), ``"none"`` or ``"separate"`` (two
             calls per step, unconditional first).
         latent_grid: the latent ``(h, w)`` when the traced module's input does not show it.
+        layout: which attention calls hold the reference, and where: ``"cross"`` (default: the
+            cross-attention layers, every key a reference token), ``"appended"`` (IDM-VTON,
+            OOTDiffusion: self-attention over ``[own ; reference]`` tokens), ``"stacked-height"``
+            / ``"stacked-width"`` (CatVTON: person and garment in one latent), or a callable
+            ``(layer_name, q_shape, k_shape, call) -> TokenLayout`` (see
+            :mod:`i2am_fast.adapters.layouts`). The self-attention layouts trace the ``attn1``
+            layers.
     """
 
     time_groups: Optional[int] = None
@@ -104,6 +114,7 @@ class TraceOptions:
     inpaint_mask: Optional[torch.Tensor] = None
     cfg_layout: str = "auto"
     latent_grid: Optional[Sequence[int]] = None
+    layout: Layout = "cross"
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -122,6 +133,11 @@ class TraceOptions:
         if self.reference_grid is not None and not callable(self.reference_grid):
             put("reference_grid", tuple(self.reference_grid))
         put("latent_grid", _grid(self.latent_grid, "latent_grid"))
+        if not callable(self.layout) and self.layout not in BUILT_IN_LAYOUTS:
+            raise ValueError(
+                f"layout must be one of {BUILT_IN_LAYOUTS} or a callable (layer_name, q_shape, k_shape, call) -> "
+                f"TokenLayout, got {self.layout!r}."
+            )
 
     def groups_for(self, num_steps: int) -> int:
         """The time groups of a run of ``num_steps`` steps (checked against it)."""
@@ -131,6 +147,11 @@ class TraceOptions:
             raise ValueError(f"time_groups={self.time_groups} exceeds the run's {num_steps} steps; a time group holds at "
                              f"least one step: pass time_groups <= {num_steps}.")
         return self.time_groups
+
+    @property
+    def self_attention(self) -> bool:
+        """Whether the layout puts the reference into self-attention (anything but ``"cross"``)."""
+        return self.layout != "cross"
 
     def keeps(self, name: str, module) -> bool:
         """Whether the ``layers`` option selects the attention module ``name``."""
