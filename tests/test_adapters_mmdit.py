@@ -1,0 +1,201 @@
+"""The MMDiT adapters (Flux / FLUX.1 Kontext, SD3 + IP-Adapter, Qwen-Image-Edit) on the tiny
+seeded systems of ``pipeline_systems_mmdit``, without the tracing core.
+
+A recording sink stands in for the core's traced layer: it computes the attention with
+PyTorch's SDPA (as diffusers' native dispatch does) and keeps q, k, v and the token layout the
+adapter handed it. So these tests check, against an untraced run and its q/k/v capture:
+
+- the adapters' processors compute exactly what diffusers' processors compute (output
+  bit-identical) and restore them;
+- every traced kernel call gets the q, k, v the kernel gets untraced (post-RoPE where the stock
+  kernel call is post-RoPE), and a layout (generated tokens and grid, reference source, token
+  list or grid, key padding mask, shared softmax) equal to the layout the systems file derives
+  from the call's keyword arguments;
+- the site choice: the SD3 resampler is never traced, Flux IP-Adapters give ``<module>.ip<j>``;
+- calls decode with the schedule's timestep and the separate, conditional-first guidance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline_capture_mmdit as capture
+import pipeline_systems_mmdit as systems
+from i2am_fast.adapters.base import TokenLayout
+from i2am_fast.adapters.registry import adapter_for
+from i2am_fast.tracing.options import TraceOptions
+
+# Flux Redux as FluxPipeline runs it for real: Redux tokens after a 512-token T5 prompt (found
+# by default); the shorter prompt of the systems file needs reference_grid (tested below).
+BUILDERS = dict(systems.BUILDERS, flux_redux=lambda: systems.flux_redux(t5_len=512))
+NAMES = list(BUILDERS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str) -> systems.MMDiTSystem:
+    return BUILDERS[name]()
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str):
+    system = built(name)
+    with capture.capture_attention(system) as cap:
+        out = system.run(0)
+    return cap, out
+
+
+class RecordingSink:
+    def __init__(self, name: str, log: list, calls: list):
+        self.name = name
+        self.log = log
+        self.calls = calls
+
+    def attend(self, q, k, v, *, scale=None, layout: TokenLayout = TokenLayout()):
+        mask = None
+        if layout.key_padding_mask is not None:
+            mask = layout.key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        self.log.append((self.name, len(self.calls) - 1, q.clone(), k.clone(), v.clone(), layout))
+        return out
+
+
+def traced_with_recording(system: systems.MMDiTSystem, **options):
+    """Runs ``system`` with its adapter's processors feeding recording sinks, like the core does."""
+    adapter = adapter_for(system.pipe, TraceOptions(**options))
+    log, calls = [], []
+    sites = adapter.sites()
+    for site in sites:
+        adapter.install(site, [RecordingSink(n, log, calls) for n in site.layers])
+
+    def before(module, args, kwargs):
+        calls.append(adapter.decode_call(args, kwargs))
+
+    hook = adapter.root.register_forward_pre_hook(before, with_kwargs=True)
+    try:
+        out = system.run(0)
+    finally:
+        hook.remove()
+        adapter.restore()
+    return adapter, sites, calls, log, out
+
+
+def kernel_call_of(system, layer: str) -> tuple[str, int]:
+    """(attention module, kernel call index within its forward) of a traced layer name."""
+    if ".ip" in layer.rsplit(".", 1)[-1] or layer.rsplit(".", 1)[-1].startswith("ip"):
+        module, branch = layer.rsplit(".", 1)
+        return module, int(branch[2:]) + 1
+    return layer, 0
+
+
+def expected_index(span: range, num: int):
+    return None if (span.start == 0 and len(span) == num) else torch.arange(span.start, span.stop)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_processors_reproduce_the_run_and_hand_over_the_kernel_inputs(name):
+    system = built(name)
+    cap, untraced = captured(name)
+    before = {n: type(m.processor) for n, m in system.attention_modules.items()}
+    adapter, sites, calls, log, out = traced_with_recording(system)
+    assert torch.equal(out, untraced)  # same arithmetic, same order
+    assert {n: type(m.processor) for n, m in system.attention_modules.items()} == before
+    assert log, "nothing was traced"
+    traced_modules = {kernel_call_of(system, entry[0]) for entry in log}
+    assert not any(module.startswith("image_proj") for module, _ in traced_modules)
+    for layer, tcall, q, k, v, layout in log:
+        module, j = kernel_call_of(system, layer)
+        (kc,) = [c for c in cap.calls_of(module, j) if c.transformer_call == tcall]
+        assert torch.equal(q, kc.q) and torch.equal(k, kc.k) and torch.equal(v, kc.v)
+        want = system.layout(module, j, cap.transformer_calls[tcall].facts)
+        assert want.reference is not None
+        qi, ki = layout.queries.index, layout.keys.index
+        exp_q = expected_index(want.generated, want.num_queries)
+        assert (qi is None and exp_q is None) or torch.equal(qi, exp_q)
+        assert tuple(layout.queries.grid) == tuple(want.generated_grid)
+        exp_k = expected_index(want.reference, want.num_keys)
+        assert (ki is None and exp_k is None) or torch.equal(ki, exp_k)
+        assert layout.keys.token_list == (want.reference_grid is None)
+        if want.reference_grid is not None:
+            assert tuple(layout.keys.grid) == tuple(want.reference_grid)
+        assert layout.keys.source == {"edit image": "reference"}.get(want.source, want.source)
+        assert layout.shared_softmax == want.shared_softmax
+        if want.key_padding_mask is None:
+            assert layout.key_padding_mask is None or bool(layout.key_padding_mask.all())
+        else:
+            assert torch.equal(layout.key_padding_mask, want.key_padding_mask)
+    # every kernel call with reference tokens is traced, in every transformer call
+    with_reference = {(c.module, c.call, c.transformer_call) for c in cap.kernel_calls
+                      if system.layout(c.module, c.call, cap.transformer_calls[c.transformer_call].facts).reference
+                      is not None}
+    assert {(*kernel_call_of(system, e[0]), e[1]) for e in log} == with_reference
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_decodes_calls(name):
+    system = built(name)
+    cap, _ = captured(name)
+    adapter, _, calls, _, _ = traced_with_recording(system)
+    timesteps = system.pipe.scheduler.timesteps
+    assert len(calls) == len(cap.transformer_calls)
+    for decoded, tcall in zip(calls, cap.transformer_calls):
+        assert decoded.timestep == float(timesteps[tcall.step])  # the schedule's own value
+        assert decoded.latent_grid == system.target_grid
+        assert decoded.batch == tcall.facts.batch
+        if system.guidance == "doubled":
+            assert decoded.guidance.kind == "doubled"
+            assert decoded.guidance.cond == tuple(range(system.batch, 2 * system.batch))
+        else:
+            assert decoded.guidance.kind == "separate" and decoded.guidance.order == ("cond", "uncond")
+    assert adapter.vae_scale_factor == system.pixels_per_token
+
+
+def test_flux_ip_adapter_sites_are_the_ip_branches():
+    system = built("flux_ip_adapter")
+    adapter = adapter_for(system.pipe, TraceOptions())
+    layers = [layer for site in adapter.sites() for layer in site.layers]
+    assert layers == ["transformer_blocks.0.attn.ip0", "transformer_blocks.1.attn.ip0"]
+
+
+def test_sd3_sites_skip_the_resampler_and_need_an_ip_adapter():
+    system = built("sd3_ip_adapter")
+    adapter = adapter_for(system.pipe, TraceOptions())
+    assert [s.name for s in adapter.sites()] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    adapter = adapter_for(system.transformer, TraceOptions(layers="image_proj.*"))
+    with pytest.raises(ValueError, match="IP-Adapter"):
+        adapter.sites()
+
+
+def test_flux_redux_tokens_after_a_512_token_prompt_are_found_by_default():
+    _, _, _, log, _ = traced_with_recording(built("flux_redux"))
+    layout = log[0][-1]
+    assert torch.equal(layout.keys.index, torch.arange(512, 528)) and layout.keys.grid == (4, 4)
+    assert layout.keys.source == "redux"
+
+
+def test_flux_redux_tokens_after_a_short_prompt_need_reference_grid():
+    system = systems.flux_redux()  # 6 T5 tokens
+    with pytest.raises(ValueError, match="reference_grid"):
+        traced_with_recording(system)
+    _, _, _, log, _ = traced_with_recording(system, reference_grid=(4, 4))
+    assert torch.equal(log[0][-1].keys.index, torch.arange(6, 22))
+
+
+def test_bare_transformer_is_decoded_like_the_pipeline():
+    system = built("flux_kontext")
+    adapter = adapter_for(system.transformer, TraceOptions(num_steps=2))
+    cap, _ = captured("flux_kontext")
+    call = adapter.decode_call((), cap.transformer_calls[0].kwargs)
+    assert call.latent_grid == system.target_grid and adapter.vae_scale_factor == 16
+    assert call.timestep == pytest.approx(float(system.pipe.scheduler.timesteps[0]), rel=1e-6)
