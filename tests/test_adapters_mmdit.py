@@ -199,3 +199,95 @@ def test_bare_transformer_is_decoded_like_the_pipeline():
     call = adapter.decode_call((), cap.transformer_calls[0].kwargs)
     assert call.latent_grid == system.target_grid and adapter.vae_scale_factor == 16
     assert call.timestep == pytest.approx(float(system.pipe.scheduler.timesteps[0]), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end with the tracing core: default trace arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def traced_layer_of(module: str, call: int, system) -> str:
+    if system.family == "sd3" or call > 0:
+        return f"{module}.ip{call - 1 if system.family == 'flux' else 0}"
+    return module
+
+
+def expected_states(system, cap, time_groups: int = 5) -> dict:
+    """Per traced layer, float64 ``generated`` / ``reference`` / ``share`` state ``[G, I, H, N]``
+    from the captured q/k/v of an untraced run: the conditional entries of each step's calls,
+    through the materialising float64 reference op."""
+    from i2am_fast.ops.reference import attention_with_maps_reference
+
+    states = {}
+    for c in cap.kernel_calls:
+        tcall = cap.transformer_calls[c.transformer_call]
+        layout = system.layout(c.module, c.call, tcall.facts)
+        if layout.reference is None:
+            continue
+        batch = c.q.shape[0]
+        if system.guidance == "doubled":
+            entries = list(range(batch // 2, batch))
+        elif system.call_order[tcall.call_in_step] != "cond":
+            continue
+        else:
+            entries = list(range(batch))
+        res = attention_with_maps_reference(
+            c.q, c.k, c.v, scale=c.scale, map_batch=entries, map_queries=torch.tensor(list(layout.generated)),
+            map_keys=torch.tensor(list(layout.reference)), key_padding_mask=layout.key_padding_mask)
+        group = tcall.step * time_groups // system.num_steps
+        state = states.setdefault(traced_layer_of(c.module, c.call, system), {})
+        kinds = {"generated": res.generated, "reference": res.reference}
+        if layout.shared_softmax:
+            kinds["share"] = res.share
+        for kind, value in kinds.items():
+            acc = state.setdefault(kind, torch.zeros((time_groups, *value.shape), dtype=torch.float64))
+            acc[group] += value
+    return states
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trace_with_default_arguments_keeps_the_output_and_maps_match_float64(name):
+    import i2am_fast
+
+    system = built(name)
+    cap, untraced = captured(name)
+    with i2am_fast.trace(system.pipe) as tracer:
+        traced = system.run(0)
+    tolerance = capture.output_tolerance(system)
+    assert float((traced - untraced).abs().max()) <= tolerance
+    maps = tracer.maps()
+    expected = expected_states(system, cap)
+    assert set(maps.layer_names()) == set(expected)
+    for layer, state in expected.items():
+        actual = {"generated": maps._generated[layer], "reference": maps._reference[layer]}
+        if "share" in state:
+            actual["share"] = maps._share[layer]
+        else:
+            assert layer not in getattr(maps, "_share", {})
+        for kind, want in state.items():
+            got = actual[kind].double()
+            assert got.shape == want.shape, (layer, kind)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=f"{layer} {kind}")
+    # the readers work on every family (reference grid or token list, share where it exists)
+    assert torch.isfinite(maps.generated()).all() and torch.isfinite(maps.reference()).all()
+    if any("share" in s for s in expected.values()):
+        assert maps.share().shape == tuple(system.target_grid)
+    else:
+        with pytest.raises(ValueError):
+            maps.share()
+
+
+@pytest.mark.parametrize("name", ["flux_kontext_true_cfg", "sd3_ip_adapter", "qwen_image_edit"])
+def test_tracing_the_transformer_alone_gives_the_pipeline_maps(name):
+    import i2am_fast
+
+    system = built(name)
+    with i2am_fast.trace(system.pipe) as whole:
+        system.run(0)
+    with i2am_fast.trace(system.transformer, num_steps=system.num_steps) as alone:
+        system.run(0)
+    a, b = whole.maps(), alone.maps()
+    assert a.layer_names() == b.layer_names() and not any(n.startswith("image_proj") for n in b.layer_names())
+    for layer in a.layer_names():
+        assert torch.equal(a._generated[layer], b._generated[layer])
+        assert torch.equal(a._reference[layer], b._reference[layer])

@@ -44,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "out", None) is None and args.command in ("demo", "run", "show"):
         args.out = f"i2am-fast-{args.command}"
     for name in ("steps", "time_groups", "samples", "height", "width"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     with torch.no_grad():
         args.func(args)

@@ -11,10 +11,17 @@ __all__ = ["kontext_inputs", "load_flux_kontext"]
 
 def load_flux_kontext(folder: str):
     """A FluxKontextPipeline from a local folder (no download)."""
+    import json
+
     from diffusers import FluxKontextPipeline
 
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    # components saved as None (e.g. no text encoders: prompts given as embeddings) stay None
+    absent = {name: None for name, entry in index.items()
+              if isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None}
     try:
-        return FluxKontextPipeline.from_pretrained(folder, local_files_only=True)
+        return FluxKontextPipeline.from_pretrained(folder, local_files_only=True, **absent)
     except Exception as e:  # noqa: BLE001  (diffusers and transformers raise many kinds)
         raise SystemExit(f"error: could not load the FLUX.1 Kontext pipeline in {folder}: {e}")
 
