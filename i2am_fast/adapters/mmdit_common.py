@@ -23,6 +23,7 @@ Shared here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -91,16 +92,28 @@ def token_layout(layout: CallLayout, device=None) -> TokenLayout:
 
 
 def attend_bnhd(sink: AttentionSink, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                layout: CallLayout) -> torch.Tensor:
-    """A traced kernel call on ``[B, N, H, D]`` tensors; returns ``[B, Nq, H, Dv]`` (a view)."""
+                layout: CallLayout, cache: Optional[dict] = None) -> torch.Tensor:
+    """A traced kernel call on ``[B, N, H, D]`` tensors; returns ``[B, Nq, H, Dv]`` (a view).
+
+    ``cache`` keeps one :class:`TokenLayout` per layer and layout: the core compares a layer's
+    layout with its first call's, and the same object needs no comparison."""
     if query.shape[1] != layout.num_queries or key.shape[1] != layout.num_keys:
         raise ValueError(
             f"layer {sink.name}: the attention call has {query.shape[1]} queries and {key.shape[1]} keys but its "
             f"model call says {layout.num_queries} and {layout.num_keys}; the transformer was called in a way its "
             "adapter does not know (exclude the layer with layers=)."
         )
-    out = sink.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=None,
-                      layout=token_layout(layout, query.device))
+    if cache is None:
+        handed = token_layout(layout, query.device)
+    else:
+        key_of = (sink.name, layout.num_queries, layout.num_keys, layout.generated, layout.generated_grid,
+                  layout.sources, layout.shared_softmax, query.device)
+        if key_of not in cache:
+            cache[key_of] = token_layout(dataclasses.replace(layout, key_padding_mask=None), query.device)
+        handed = cache[key_of]
+        if layout.key_padding_mask is not None:
+            handed = dataclasses.replace(handed, key_padding_mask=layout.key_padding_mask)
+    out = sink.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=None, layout=handed)
     return out.transpose(1, 2)
 
 
@@ -174,6 +187,11 @@ class MMDiTAdapter(ModelAdapter):
 
     def __init__(self, target, options):
         super().__init__()
+        layout = getattr(options, "layout", "cross")
+        if layout != "cross":
+            raise ValueError(
+                f"layout={layout!r} describes UNet self-attention; {type(self).__name__} reads every joint-attention "
+                "layout from the model's own calls. Leave layout at its default.")
         self.options = options
         transformer = getattr(target, "transformer", None)
         self.pipe = target if isinstance(transformer, torch.nn.Module) else None
@@ -181,6 +199,7 @@ class MMDiTAdapter(ModelAdapter):
         self.scheduler = getattr(self.pipe, "scheduler", None)
         self.vae_scale_factor = self.token_factor(self.pipe, self.root)
         self.current: Optional[CallFacts] = None
+        self.layouts: dict = {}  # TokenLayout objects handed to the core, see attend_bnhd
 
     @classmethod
     def accepts(cls, target) -> bool:

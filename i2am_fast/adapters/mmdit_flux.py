@@ -170,7 +170,8 @@ class TracedFluxProcessor(StockProcessor):
                 parallel_config=self._parallel_config)
         if attention_mask is not None:
             raise ValueError(f"layer {self.joint.name} was called with an attention mask, which Flux tracing does not read.")
-        return attend_bnhd(self.joint, query, key, value, self.adapter.joint_layout(self.joint.name, encoder_len))
+        return attend_bnhd(self.joint, query, key, value, self.adapter.joint_layout(self.joint.name, encoder_len),
+                           self.adapter.layouts)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: Optional[torch.Tensor] = None, image_rotary_emb: Optional[torch.Tensor] = None):
@@ -246,8 +247,8 @@ class TracedFluxIPAdapterProcessor(TracedFluxProcessor):
             ip_key = to_k_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
             ip_value = to_v_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
             sink = self.ips[j]
-            out = attend_bnhd(sink, ip_query, ip_key, ip_value,
-                              self.adapter.ip_layout(sink.name, j, ip_key.shape[1]))
+            out = attend_bnhd(sink, ip_query, ip_key, ip_value, self.adapter.ip_layout(sink.name, j, ip_key.shape[1]),
+                              self.adapter.layouts)
             out = out.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
             ip_attn_output += scale * out
         return hidden_states, encoder_hidden_states, ip_attn_output

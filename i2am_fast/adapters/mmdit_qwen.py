@@ -127,7 +127,7 @@ class TracedQwenProcessor(StockProcessor):
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
         layout = self.adapter.layout(self.sink.name, seq_txt, attention_mask)
-        joint = attend_bnhd(self.sink, joint_query, joint_key, joint_value, layout)
+        joint = attend_bnhd(self.sink, joint_query, joint_key, joint_value, layout, self.adapter.layouts)
         joint = joint.flatten(2, 3).to(joint_query.dtype)
 
         img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())

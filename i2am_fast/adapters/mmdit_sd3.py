@@ -129,7 +129,8 @@ class TracedSD3IPAdapterProcessor(StockProcessor):
             key = torch.cat([img_key, ip_key], dim=2)
             value = torch.cat([img_value, ip_value], dim=2)
             layout = self.adapter.ip_layout(self.sink.name, ip_key.shape[2])
-            ip_out = attend_bnhd(self.sink, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout)
+            ip_out = attend_bnhd(self.sink, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout,
+                                 self.adapter.layouts)
             ip_out = ip_out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
             hidden_states = hidden_states + ip_out * original.scale
 
