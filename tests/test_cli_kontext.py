@@ -36,12 +36,13 @@ def test_run_on_a_local_flux_kontext_folder(kontext_folder, tmp_path):
             "--height", "192", "--width", "256", "--steps", "2", "--out", str(out)]
     assert main(argv) == 0
     files = set(os.listdir(out))
-    assert {"generated.png", "garment.png", "generated_map.png", "reference_map.png", "maps.safetensors",
-            "report.html"} <= files
+    assert {"generated.png", "garment.png", "generated_map.png", "reference_map.png", "share_map.png",
+            "maps.safetensors", "report.html"} <= files
     maps = AttributionMaps.load(str(out / "maps.safetensors"))
     assert maps.latent_grid == system.target_grid and maps.num_steps == 2
     assert maps.reference().shape == tuple(system.reference_grid)  # the Kontext image's own grid
     assert len(maps.layer_names()) == 4  # 2 double-stream + 2 single-stream blocks
+    assert maps.sources() == ["kontext"] and maps.share().shape == tuple(system.target_grid)
 
 
 @pytest.mark.parametrize("drop, add, match", [
