@@ -156,8 +156,10 @@ def test_adapter_decodes_calls(name):
         if system.guidance == "doubled":
             assert decoded.guidance.kind == "doubled"
             assert decoded.guidance.cond == tuple(range(system.batch, 2 * system.batch))
-        else:
+        elif system.guidance == "separate":  # true CFG: the pipeline encoded a negative prompt
             assert decoded.guidance.kind == "separate" and decoded.guidance.order == ("cond", "uncond")
+        else:
+            assert decoded.guidance.kind == "none"
     assert adapter.vae_scale_factor == system.pixels_per_token
 
 
@@ -212,10 +214,11 @@ def traced_layer_of(module: str, call: int, system) -> str:
     return module
 
 
-def expected_states(system, cap, time_groups: int = 5) -> dict:
+def expected_states(system, cap, time_groups: int = 5, halves=("cond",)) -> dict:
     """Per traced layer, float64 ``generated`` / ``reference`` / ``share`` state ``[G, I, H, N]``
-    from the captured q/k/v of an untraced run: the conditional entries of each step's calls,
-    through the materialising float64 reference op."""
+    from the captured q/k/v of an untraced run: the entries of the guidance ``halves`` of each
+    step's calls (image slots: the unconditional images first), through the materialising
+    float64 reference op."""
     from i2am_fast.ops.reference import attention_with_maps_reference
 
     states = {}
@@ -226,11 +229,14 @@ def expected_states(system, cap, time_groups: int = 5) -> dict:
             continue
         batch = c.q.shape[0]
         if system.guidance == "doubled":
-            entries = list(range(batch // 2, batch))
-        elif system.call_order[tcall.call_in_step] != "cond":
-            continue
+            half = batch // 2
+            entries = [e for h in halves for e in range(*{"uncond": (0, half), "cond": (half, batch)}[h])]
+            slots = slice(0, len(entries))
         else:
-            entries = list(range(batch))
+            this = system.call_order[tcall.call_in_step] if system.guidance == "separate" else "cond"
+            if this not in halves:
+                continue
+            entries, slots = list(range(batch)), slice(batch * halves.index(this), batch * (halves.index(this) + 1))
         res = attention_with_maps_reference(
             c.q, c.k, c.v, scale=c.scale, map_batch=entries, map_queries=torch.tensor(list(layout.generated)),
             map_keys=torch.tensor(list(layout.reference)), key_padding_mask=layout.key_padding_mask)
@@ -239,9 +245,11 @@ def expected_states(system, cap, time_groups: int = 5) -> dict:
         kinds = {"generated": res.generated, "reference": res.reference}
         if layout.shared_softmax:
             kinds["share"] = res.share
+        images = batch // 2 if system.guidance == "doubled" else batch
         for kind, value in kinds.items():
-            acc = state.setdefault(kind, torch.zeros((time_groups, *value.shape), dtype=torch.float64))
-            acc[group] += value
+            shape = (time_groups, images * len(halves), *value.shape[1:])
+            acc = state.setdefault(kind, torch.zeros(shape, dtype=torch.float64))
+            acc[group, slots] += value
     return states
 
 
@@ -275,6 +283,37 @@ def test_trace_with_default_arguments_keeps_the_output_and_maps_match_float64(na
     else:
         with pytest.raises(ValueError):
             maps.share()
+
+
+def assert_states(maps, expected):
+    assert set(maps.layer_names()) == set(expected)
+    for layer, state in expected.items():
+        for kind, want in state.items():
+            got = {"generated": maps._generated, "reference": maps._reference, "share": maps._share}[kind][layer].double()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=f"{layer} {kind}")
+
+
+@pytest.mark.parametrize("name", ["flux_kontext_true_cfg", "sd3_ip_adapter"])
+def test_both_guidance_halves_map_their_own_entries(name):
+    """True CFG's second call of a step is the unconditional half; SD3's first half is."""
+    import i2am_fast
+
+    system = built(name)
+    cap, _ = captured(name)
+    with i2am_fast.trace(system.pipe, cfg="both") as tracer:
+        system.run(0)
+    maps = tracer.maps()
+    assert maps.image_entries == ["uncond[0]", "cond[0]"]
+    assert_states(maps, expected_states(system, cap, halves=("uncond", "cond")))
+
+
+def test_without_true_cfg_there_is_no_unconditional_half():
+    import i2am_fast
+
+    system = built("flux_kontext")
+    with pytest.raises(ValueError, match="no unconditional half"):
+        with i2am_fast.trace(system.pipe, cfg="uncond"):
+            system.run(0)
 
 
 @pytest.mark.parametrize("name", ["flux_kontext_true_cfg", "sd3_ip_adapter", "qwen_image_edit"])

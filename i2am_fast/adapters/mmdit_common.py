@@ -200,6 +200,8 @@ class MMDiTAdapter(ModelAdapter):
         self.vae_scale_factor = self.token_factor(self.pipe, self.root)
         self.current: Optional[CallFacts] = None
         self.layouts: dict = {}  # TokenLayout objects handed to the core, see attend_bnhd
+        self._prompt_encodings: Optional[int] = None  # encode_prompt calls of the pipeline run in progress
+        self._called_since_encoding = False
 
     @classmethod
     def accepts(cls, target) -> bool:
@@ -262,7 +264,25 @@ class MMDiTAdapter(ModelAdapter):
     def make_processor(self, site: Site, sinks: Sequence[AttentionSink]):
         raise NotImplementedError
 
+    def watch_prompts(self) -> None:
+        """Counts the pipeline's ``encode_prompt`` calls per run: Flux and Qwen-Image pipelines
+        encode the negative prompt only when they will run true CFG (two calls per step)."""
+        encode = getattr(self.pipe, "encode_prompt", None)
+        if self._prompt_encodings is not None or not callable(encode):
+            return
+        self._prompt_encodings = 0
+
+        def encode_prompt(*args, **kwargs):
+            if self._called_since_encoding:  # a new run of the pipeline
+                self._prompt_encodings, self._called_since_encoding = 0, False
+            self._prompt_encodings += 1
+            return encode(*args, **kwargs)
+
+        self.replace_attribute(self.pipe, "encode_prompt", encode_prompt)
+        self.remember(lambda: setattr(self, "_prompt_encodings", None))
+
     def install(self, site: Site, sinks: Sequence[AttentionSink]) -> None:
+        self.watch_prompts()
         module, original = site.module, site.module.processor
         processor = self.make_processor(site, sinks)
         for attr in ("_attention_backend", "_parallel_config"):
@@ -281,8 +301,12 @@ class MMDiTAdapter(ModelAdapter):
         raise NotImplementedError
 
     def guidance(self, kwargs: dict, facts: CallFacts) -> Guidance:
-        """Flux and Qwen true CFG: separate calls, in ``guidance_order``; one call per step
-        without true CFG, which the separate reading maps as the conditional half."""
+        """Flux and Qwen true CFG: separate calls, in ``guidance_order``, when the pipeline run
+        encoded a negative prompt; no halves when it encoded one prompt. A bare transformer
+        (or calls outside a pipeline run) reads as separate: its first call of a step maps as
+        the conditional half."""
+        if self._prompt_encodings == 1:
+            return Guidance.none()
         return Guidance.separate(self.guidance_order)
 
     def decode_call(self, args: tuple, kwargs: dict) -> ModelCall:
@@ -293,6 +317,7 @@ class MMDiTAdapter(ModelAdapter):
             raise ValueError(f"the traced {type(self.root).__name__} was called without a hidden_states tensor.")
         facts = self.read_call(kwargs)
         self.current = facts
+        self._called_since_encoding = True
         return ModelCall(facts.batch, self.schedule_timestep(kwargs.get("timestep")), facts.target_grid,
                          self.guidance(kwargs, facts), describe=f"hidden_states of shape {list(hidden.shape)}")
 
