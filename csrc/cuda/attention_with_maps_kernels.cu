@@ -1,14 +1,22 @@
-// CUDA kernels of i2am_fast::attention_with_maps (docs/design.md, "The kernels"), mirroring
-// csrc/cpu/attention_with_maps_cpu.cpp:
+// CUDA kernels of i2am_fast::attention_with_maps_accumulate (docs/design.md, "The kernels"),
+// mirroring csrc/cpu/attention_with_maps_cpu.cpp. Rows and columns are visited in the token order
+// of csrc/attention_with_maps.h (tile loads gather through its tables; null tables = in place):
 //
-//   pass 1   one CTA per (query block, batch entry x head): online softmax over key blocks gives
-//            the output and, for map entries, the row log-sum-exp and per-query-block column
-//            partials (max, sum of exp) of every key;
-//   combine  merges the column partials over query blocks, in order, into the column LSE;
-//   pass 2   map entries only, one CTA per (query block, map entry x head): recomputes the score
-//            tiles; e = exp(S - rowLSE) gives the reference-map partial of the block and the probe
-//            rows, exp(S - colLSE) summed over keys the generated map;
-//   reduce   sums the reference partials over query blocks, in order, into the accumulator.
+//   pass 1   one CTA per (query block, batch entry x head), rows [0, Nq) x the entry's unmasked
+//            keys: online softmax over key blocks gives the output (written to each row's query
+//            position) and, for map entries, the row statistics (max, 1/sum) of rows [0, R2) and
+//            per-query-block column partials (max, sum) of mapped rows x mapped keys;
+//   combine  merges the column partials over query blocks, in order, into column (max, 1/sum);
+//   pass 2   map entries only, one CTA per (query block, map entry x head), rows [0, R2) x the
+//            unmasked mapped keys: recomputes the score tiles; p = exp(S - rowmax) * (1/rowsum)
+//            gives the reference-map partial of the block, the share and the probe rows,
+//            exp(S - colmax) * (1/colsum) summed over keys the generated map;
+//   reduce   sums the reference partials over query blocks, in order, into the accumulator at
+//            each key's map position (key_slot).
+//
+// Every softmax weight is exp(S - max) * (1/sum), never exp(S - log-sum-exp) (tile_math.h;
+// docs/design.md, "Numerical accuracy"). A row whose scores are all -inf has sum 0: output NaN,
+// 0 in every map.
 //
 // Every reduction runs in a fixed order (fixed shuffle butterflies, fixed warp order, fixed
 // query-block order) and every accumulator element is updated by exactly one thread: no float
