@@ -82,7 +82,7 @@ PYTEST_TIMEOUT_S = 180
 # The whole script, build included (--budget S to change it); optional work (SD 1.5 rows,
 # reference peak memory, pytest) is skipped past the soft deadline.
 TOTAL_BUDGET_S = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 7 * 60
-SOFT_DEADLINE_S = TOTAL_BUDGET_S - 90
+SOFT_DEADLINE_S = TOTAL_BUDGET_S - 60
 # Kontext at 1024x1024: 64 x 64 latent patches per image.
 KONTEXT = dict(text=512, image=4096, heads=24, head_dim=128, dtype="bfloat16", target=1.5, reference_heads=4)
 MAPS_RTOL = {"float16": 1e-2, "bfloat16": 1e-2, "float32": 1e-4}
