@@ -266,3 +266,15 @@ def test_a_sampler_without_a_schedule_needs_num_steps(systems):
         for t in (901, 501, 1):
             system.denoiser(x, torch.full((2,), t), context=context)
     assert tracer.num_steps == 3 and tracer.maps().image_entries == ["image[0]", "image[1]"]
+
+
+def test_layers_option_selects_among_the_cross_attention_layers(systems):
+    system, untraced, *_ = build(systems, "stableviton_softmax_positional")
+    warps = sorted(n for n in system.layers if n.startswith("warp_flow_blks."))
+    for layers in ("warp_flow_blks.*", lambda name, module: name.startswith("warp_flow_blks.")):
+        with i2am_fast.trace(system.target, num_steps=system.num_steps, layers=layers) as tracer:
+            traced = system.run(seed=0)
+        assert sorted(tracer.maps().layer_names()) == warps
+        assert (traced - untraced).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="no cross-attention layers"):  # attn1 is self-attention: never traced
+        i2am_fast.trace(system.target, num_steps=system.num_steps, layers="*.attn1")
