@@ -25,7 +25,8 @@
   ``x.shape[-2:]``. Guidance: a batch whose two halves of ``x`` are bit-identical is
   ``[uncond, cond]`` (ldm's samplers double the batch so); StableVITON's released sampler
   (``cldm.plms_hacked.PLMSSampler``) makes two calls per evaluation, the conditional one
-  first, and is read so when it is the target. With this family ``cfg_layout="separate"``
+  first, and is read so when it is the target (at guidance scale 1 it makes one call: pass
+  ``cfg_layout="none"``). With this family ``cfg_layout="separate"``
   means that order (conditional first), the only one ldm code uses.
 See docs/design.md, "Tracing" and "Supported systems".
 """
