@@ -189,8 +189,9 @@ def test_full_index_sets_are_the_unrestricted_call(device, rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_accumulate_with_share_into_strided_state(device, rng):
-    """accumulate adds every map, share included, into strided state slices; share None leaves
-    nothing to add and changes no other result."""
+    """accumulate adds every map, share included, into strided state slices (bit-exactly on the
+    CPU; on CUDA partial sums are added one at a time); share None leaves nothing to add and changes
+    no other result."""
     (q, k, v), kw = kontext_like(torch.float32, device, rng, h=7, w=9)
     fn = i2am_fast.attention_with_maps(q, k, v, **kw)
     # State as a tracer keeps it: [maps, time groups, ...]; this call adds into one time group.
@@ -202,7 +203,12 @@ def test_accumulate_with_share_into_strided_state(device, rng):
         q, k, v, *(states[name][:, group[name]] for name in ("generated", "reference", "probes", "share")), **kw)
     torch.testing.assert_close(out, fn.output, rtol=0, atol=0)
     for name, t in group.items():
-        assert torch.equal(states[name][:, t], before[name][:, t] + getattr(fn, name)), name
+        expected = before[name][:, t] + getattr(fn, name)
+        if device == "cpu":  # the CPU adds each finished map once
+            assert torch.equal(states[name][:, t], expected), name
+        else:  # the CUDA kernel adds partial sums into the state one at a time: float32 rounding
+            torch.testing.assert_close(states[name][:, t], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()),
+                                       msg=name)
         untouched = states[name].clone()
         untouched[:, t] = before[name][:, t]
         assert torch.equal(untouched, before[name]), f"{name}: elements outside the view changed"
