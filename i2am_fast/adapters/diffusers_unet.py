@@ -3,14 +3,21 @@
 - **Target**: a pipeline with ``.unet`` (or ``.transformer``) and, usually, ``.scheduler`` and
   ``.vae_scale_factor``; or a bare ``torch.nn.Module``, whose forward is then one model call.
 - **Sites**: every ``Attention`` module with ``is_cross_attention`` that the trace's ``layers``
-  option keeps. Its processor must be ``AttnProcessor2_0``, ``AttnProcessor`` or
-  ``IPAdapterAttnProcessor2_0``; the first two become one traced layer, an IP-Adapter
-  processor one traced layer per image branch (``<name>.ip<j>``; the text branch is not
-  traced).
+  option keeps, except attention over video frames (:mod:`.diffusers_video`) and attention
+  inside the UNet's image projection (``encoder_hid_proj``, e.g. IP-Adapter Plus's
+  resampler), which are never the denoiser's attention to the reference. Processors:
+  ``AttnProcessor2_0`` / ``AttnProcessor`` (one traced layer), ``IPAdapterAttnProcessor2_0``
+  (one traced layer per image branch, ``<name>.ip<j>``; the text branch is not traced) and
+  ``AttnAddedKVProcessor2_0`` / ``AttnAddedKVProcessor`` (Kandinsky 2.2: the added tokens
+  share the softmax with the layer's own tokens, :mod:`.diffusers_added_kv`).
 - **Interception**: a processor swap (``set_processor``), undone on restore.
-- **Calls**: ``forward(sample, timestep, ...)``, positional or keyword. The latent grid is a
-  4-D ``sample``'s ``(h, w)``; the batch is ``[uncond, cond]`` when its two halves are
-  bit-identical, which is how diffusers pipelines build it (``torch.cat([latents] * 2)``).
+- **Calls**: ``forward(sample, timestep, ...)``, positional or keyword. The latent grid is the
+  last two axes of ``sample``; a video UNet's 5-D sample puts every frame in an attention batch
+  entry of its own (:mod:`.diffusers_video`). The batch is ``[uncond, cond]`` when the two
+  halves of its noisy latents are bit-identical, which is how diffusers pipelines build it
+  (``torch.cat([latents] * 2)``). The noisy latents are the first ``min(in_channels,
+  out_channels)`` input channels: pipelines concatenate conditioning after them (inpainting
+  masks, Stable Video Diffusion's image latents, which are zero in the unconditional half).
 """
 
 from __future__ import annotations
@@ -20,17 +27,47 @@ from typing import Sequence
 import torch
 
 from .base import AttentionSink, Guidance, ModelAdapter, ModelCall, Site
+from .diffusers_added_kv import I2AMAddedKVAttnProcessor
 from .diffusers_processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
+from .diffusers_video import SampleAxes, sample_axes, temporal_attention_names
 
 __all__ = ["DiffusersUNetAdapter"]
 
 DEFAULT_VAE_SCALE_FACTOR = 8
+TRACED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0", "AttnAddedKVProcessor2_0",
+                     "AttnAddedKVProcessor")
+# Processors that compute the same attention as a traced one, in another way (memory-efficient
+# kernels, slices): setting the traced one first changes nothing the model computes.
+SAME_ATTENTION_AS = {
+    "XFormersAttnProcessor": "AttnProcessor2_0", "SlicedAttnProcessor": "AttnProcessor2_0",
+    "AttnProcessorNPU": "AttnProcessor2_0", "XFormersAttnAddedKVProcessor": "AttnAddedKVProcessor2_0",
+    "SlicedAttnAddedKVProcessor": "AttnAddedKVProcessor2_0",
+}
 
 
-def _processor_classes():
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+def _processor_kind(processor) -> str | None:
+    """"plain", "ip_adapter", "added_kv" or None (not traced), by the processor's exact class."""
+    from diffusers.models.attention_processor import (AttnAddedKVProcessor, AttnAddedKVProcessor2_0, AttnProcessor,
+                                                      AttnProcessor2_0, IPAdapterAttnProcessor2_0)
 
-    return AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    kind = {AttnProcessor2_0: "plain", AttnProcessor: "plain", IPAdapterAttnProcessor2_0: "ip_adapter",
+            AttnAddedKVProcessor2_0: "added_kv", AttnAddedKVProcessor: "added_kv"}
+    return kind.get(type(processor))
+
+
+def _unsupported(name: str, processor) -> ValueError:
+    cls = type(processor).__name__
+    same = SAME_ATTENTION_AS.get(cls)
+    if same is not None:
+        advice = (f"{cls} computes the same attention as {same}: set that one before tracing "
+                  f"(model.set_attn_processor({same}())), or leave the layer out with trace(..., layers=...).")
+    else:
+        advice = ("Leave the layer out with trace(..., layers=...); replacing its processor would change what "
+                  "the model computes.")
+    return ValueError(
+        f"cross-attention layer {name} uses {cls}, whose attention i2am_fast does not reproduce (it traces "
+        f"{', '.join(TRACED_PROCESSORS)}). {advice}"
+    )
 
 
 class DiffusersUNetAdapter(ModelAdapter):
@@ -70,23 +107,33 @@ class DiffusersUNetAdapter(ModelAdapter):
         return self.scheduler is not None
 
     # ------------------------------------------------------------- sites
+    def _never_traced(self) -> tuple[set[str], set[str]]:
+        """(temporal attention, attention inside the image projection): names relative to root."""
+        projection = getattr(self.root, "encoder_hid_proj", None)
+        inside_projection = set()
+        if isinstance(projection, torch.nn.Module):
+            prefix = next(name for name, module in self.root.named_modules() if module is projection)
+            inside_projection = {f"{prefix}.{name}" for name, _ in projection.named_modules() if name}
+        return temporal_attention_names(self.root), inside_projection
+
     def sites(self) -> list[Site]:
         from diffusers.models.attention_processor import Attention
 
-        AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0 = _processor_classes()
-        chosen = []
+        temporal, inside_projection = self._never_traced()
+        chosen, left_out = [], []
         for name, module in self.root.named_modules():
-            if not (isinstance(module, Attention) and module.is_cross_attention and self.options.keeps(name, module)):
+            if not (isinstance(module, Attention) and module.is_cross_attention) or name in inside_projection:
                 continue
-            processor = module.processor
-            if not isinstance(processor, (AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0)):
-                raise ValueError(
-                    f"cross-attention layer {name} uses {type(processor).__name__}, which i2am_fast cannot "
-                    "reproduce; it traces AttnProcessor2_0, AttnProcessor and IPAdapterAttnProcessor2_0. "
-                    "Set one of those (model.set_attn_processor(AttnProcessor2_0())) or exclude the layer with layers=."
-                )
-            if isinstance(processor, IPAdapterAttnProcessor2_0):
-                layers = tuple(f"{name}.ip{j}" for j in range(len(processor.to_k_ip)))
+            if not self.options.keeps(name, module):
+                continue
+            if name in temporal:
+                left_out.append(name)
+                continue
+            kind = _processor_kind(module.processor)
+            if kind is None:
+                raise _unsupported(name, module.processor)
+            if kind == "ip_adapter":
+                layers = tuple(f"{name}.ip{j}" for j in range(len(module.processor.to_k_ip)))
             else:
                 layers = (name,)
             chosen.append(Site(name, module, layers))
@@ -95,20 +142,35 @@ class DiffusersUNetAdapter(ModelAdapter):
             raise ValueError(
                 f"no cross-attention layers to trace in {type(self.root).__name__}"
                 + ("" if selector is None else f" matching layers={selector!r}")
-                + ": trace looks for diffusers Attention modules with is_cross_attention=True."
+                + ": trace looks for diffusers Attention modules with is_cross_attention=True"
+                + (f"; {len(left_out)} of them attend over video frames (e.g. {left_out[0]}), whose queries are "
+                   "frames rather than image patches, and are always left out." if left_out else ".")
             )
         return chosen
 
     def install(self, site: Site, sinks: Sequence[AttentionSink]) -> None:
-        AttnProcessor, _, IPAdapterAttnProcessor2_0 = _processor_classes()
+        from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor
+
         module, original = site.module, site.module.processor
-        if isinstance(original, IPAdapterAttnProcessor2_0):
+        kind = _processor_kind(original)
+        if kind == "ip_adapter":
             processor = I2AMIPAdapterAttnProcessor(original, list(sinks))
+        elif kind == "added_kv":
+            (sink,) = sinks
+            processor = I2AMAddedKVAttnProcessor(
+                sink, scale=module.scale if type(original) is AttnAddedKVProcessor else None,
+                source=self._added_tokens_source())
         else:
             (sink,) = sinks
-            processor = I2AMAttnProcessor(sink, scale=module.scale if isinstance(original, AttnProcessor) else None)
+            processor = I2AMAttnProcessor(sink, scale=module.scale if type(original) is AttnProcessor else None)
         self.remember(lambda: module.set_processor(original))
         module.set_processor(processor)
+
+    def _added_tokens_source(self) -> str:
+        """Kandinsky 2.2 projects its image embedding into the added tokens; other added-KV UNets
+        feed them text or other context."""
+        config = getattr(self.root, "config", None)
+        return "image" if getattr(config, "encoder_hid_dim_type", None) == "image_proj" else "context"
 
     # ------------------------------------------------------------- calls
     def decode_call(self, args: tuple, kwargs: dict) -> ModelCall:
@@ -120,13 +182,23 @@ class DiffusersUNetAdapter(ModelAdapter):
             timestep = timestep.flatten()[0].item()
         elif timestep is not None:
             timestep = float(timestep)
-        grid = (int(sample.shape[-2]), int(sample.shape[-1])) if sample.dim() == 4 else None
-        return ModelCall(int(sample.shape[0]), timestep, grid, self._guidance(sample),
+        axes = sample_axes(self.root, sample)
+        frames = axes.frames(sample)
+        grid = (int(sample.shape[-2]), int(sample.shape[-1])) if sample.dim() in (4, 5) else None
+        return ModelCall(int(sample.shape[0]) * frames, timestep, grid, self._guidance(sample, axes, frames),
                          describe=f"a sample of shape {list(sample.shape)}")
 
-    def _guidance(self, sample: torch.Tensor) -> Guidance:
-        batch = sample.shape[0]
-        half = batch // 2
-        if self.options.cfg_layout == "auto" and batch % 2 == 0 and torch.equal(sample[:half], sample[half:]):
-            return Guidance.halves_of(batch, self.guidance_order)
-        return Guidance.none()
+    def _noisy_latents(self, sample: torch.Tensor, axes: SampleAxes) -> torch.Tensor:
+        config = getattr(self.root, "config", None)
+        channels = [getattr(config, key, None) for key in ("in_channels", "out_channels")]
+        if not all(isinstance(c, int) and c > 0 for c in channels):
+            return sample
+        return sample.narrow(axes.channel_axis, 0, min(min(channels), sample.shape[axes.channel_axis]))
+
+    def _guidance(self, sample: torch.Tensor, axes: SampleAxes, frames: int) -> Guidance:
+        videos = sample.shape[0]
+        if self.options.cfg_layout == "auto" and videos % 2 == 0:
+            latents = self._noisy_latents(sample, axes)
+            if torch.equal(latents[: videos // 2], latents[videos // 2:]):
+                return Guidance.halves_of(videos * frames, self.guidance_order, frames)
+        return Guidance.none(frames)

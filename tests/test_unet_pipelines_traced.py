@@ -1,0 +1,117 @@
+"""``i2am_fast.trace(pipe)`` with DEFAULT arguments on every UNet-based image-conditioned
+diffusers pipeline of ``pipeline_systems_unet.py`` (docs/design.md, "Supported systems").
+
+Per system, one untraced run records the q/k/v of every mapped attention call outside the
+tracer (``pipeline_capture.capture``, which leaves the output bit-identical), one run with SDPA
+restricted to its MATH back end gives the float32 rounding scale, and one traced run gives the
+maps. Then:
+
+* the traced output equals the untraced one within ``max(1.5 x the back-end swap deviation,
+  1e-4)``;
+* the maps come from the conditional half: the image slots are the conditional images, and for
+  video every frame of the conditional video in order (``cond[0].frame[f]``); temporal attention
+  (queries = frames) and the IP-Adapter Plus resampler are not traced;
+* every traced layer's raw state, per time group, image slot and head, matches the float64
+  recomputation from the captured q/k of the conditional entries (1e-4 relative to the largest
+  value), with the reference keys the system description names (the IP-Adapter tokens, the
+  added tokens of Kandinsky, I2VGen-XL's 8x8 image tokens and its 4 CLIP tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import i2am_fast
+import pipeline_systems_unet as systems_unet
+from pipeline_capture import accumulate_maps, attention_swap_deviation, capture, output_tolerance
+
+NAMES = list(systems_unet.BUILDERS)
+MAP_RTOL = 1e-4
+TIME_GROUPS = 5  # trace's default
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run 10-100x slower with 2 intra-op threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def traced_run(name: str):
+    """(system, untraced output, swap deviation, traced output, capture, maps) for seed 0."""
+    system = systems_unet.build(name)
+    mapped = {site.module for site in system.mapped_sites()}
+    with capture(system.denoiser, modules=lambda n, m: n in mapped, scheduler=system.scheduler) as cap:
+        base = system.run(seed=0)
+    deviation = attention_swap_deviation(system.run, reference=base)
+    with torch.no_grad(), i2am_fast.trace(system.pipe) as tracer:
+        traced = system.run(seed=0)
+    return system, base, deviation, traced, cap, tracer.maps()
+
+
+def layer_name(system, site) -> str:
+    """The traced layer of a mapped site: an IP-Adapter processor's SDPA part ``1 + j`` is
+    ``<module>.ip<j>``; every other site is its module."""
+    if site.processor == "IPAdapterAttnProcessor2_0":
+        return f"{site.module}.ip{site.part - 1}"
+    return site.module
+
+
+def expected_entries(system) -> list[str]:
+    batch = system.batch
+    if batch.frames == 1:
+        return [f"cond[{i}]" for i in range(batch.images)]
+    return [f"cond[{i}].frame[{f}]" for i in range(batch.images) for f in range(batch.frames)]
+
+
+def raw_generated(maps, layer: str, tau: int, image: int, head: int) -> torch.Tensor:
+    return maps.generated(layer=layer, time_group=tau, image=image, head=head, normalize=False).flatten().double()
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = float(expected.abs().max())
+    err = float((actual - expected).abs().max())
+    assert err <= MAP_RTOL * max(scale, 1e-30), f"{what}: max error {err:.3g} against largest value {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_traced_output_equals_the_untraced_one(name):
+    system, base, deviation, traced, _, _ = traced_run(name)
+    err = float((traced - base).abs().max())
+    assert err <= output_tolerance(deviation), f"{name}: |traced - untraced| = {err:.3g}, swap deviation {deviation:.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maps_come_from_the_conditional_entries_of_the_mapped_sites(name):
+    system, _, _, _, _, maps = traced_run(name)
+    assert maps.image_entries == expected_entries(system)
+    assert sorted(maps.layer_names()) == sorted(layer_name(system, s) for s in system.mapped_sites())
+    traced_modules = {n.rsplit(".ip", 1)[0] for n in maps.layer_names()}
+    left_out = {s.module for s in system.sites if s.kind in ("temporal", "projection")}
+    assert not traced_modules & left_out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generated_maps_match_float64_from_the_captured_calls(name):
+    system, _, _, _, cap, maps = traced_run(name)
+    cond = system.batch.spatial_entries("cond")
+    for site in system.mapped_sites():
+        layer = layer_name(system, site)
+        call = cap.for_module(site.module, site.part)[0]
+        keys = [i for t in site.references(call.q.shape[2], call.k.shape[2]) for i in t.indices()]
+        expected = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=TIME_GROUPS)
+        for tau in range(TIME_GROUPS):
+            for image in range(len(cond)):
+                for head in range(call.q.shape[1]):
+                    close(raw_generated(maps, layer, tau, image, head), expected["generated"][tau, image, head],
+                          f"{name} {layer} generated tau={tau} image={image} head={head}")
