@@ -115,3 +115,48 @@ def test_generated_maps_match_float64_from_the_captured_calls(name):
                 for head in range(call.q.shape[1]):
                     close(raw_generated(maps, layer, tau, image, head), expected["generated"][tau, image, head],
                           f"{name} {layer} generated tau={tau} image={image} head={head}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What is left out, and errors that give advice that works
+
+
+def test_temporal_attention_is_left_out_and_named_when_it_is_all_that_is_selected():
+    system = systems_unet.build("svd")
+    temporal = system.temporal_modules()
+    assert any(system.denoiser.get_submodule(n).is_cross_attention for n in temporal), \
+        "SVD's temporal attn2 is a cross-attention: the case that must be recognised"
+    with pytest.raises(ValueError, match="video frames") as info:
+        i2am_fast.trace(system.pipe, layers="*temporal_transformer_blocks*")
+    assert "latent_grid" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, processor, advice", [
+    ("kandinsky22", "SlicedAttnAddedKVProcessor", "AttnAddedKVProcessor2_0()"),
+    ("paint_by_example", "SlicedAttnProcessor", "AttnProcessor2_0()"),
+])
+def test_a_processor_with_the_same_attention_is_named_as_the_one_to_set(name, processor, advice):
+    from diffusers.models import attention_processor
+
+    system = systems_unet.build(name)
+    slices = 1 if processor.endswith("AddedKVProcessor") else 2
+    system.denoiser.set_attn_processor(getattr(attention_processor, processor)(slices))
+    with pytest.raises(ValueError, match=processor) as info:
+        i2am_fast.trace(system.pipe)
+    assert f"set_attn_processor({advice})" in str(info.value)
+    # Following the advice traces the model as it is meant to be computed.
+    system.denoiser.set_attn_processor(getattr(attention_processor, advice[:-2])())
+    i2am_fast.trace(system.pipe)
+
+
+def test_a_processor_of_another_attention_is_to_be_left_out_never_swapped():
+    system = systems_unet.build("kandinsky22")
+
+    class ScaledAddedKV(type(system.denoiser.down_blocks[1].attentions[0].processor)):
+        """A processor that computes something else than the stock one."""
+
+    system.denoiser.set_attn_processor(ScaledAddedKV())
+    with pytest.raises(ValueError, match="ScaledAddedKV") as info:
+        i2am_fast.trace(system.pipe)
+    message = str(info.value)
+    assert "layers=" in message and "set_attn_processor" not in message

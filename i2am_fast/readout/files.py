@@ -1,7 +1,8 @@
 """The maps file: the state of a trace as safetensors, its settings as JSON metadata.
 
 One tensor per (layer, kind): ``<layer>::generated``, ``<layer>::reference`` and, with probes,
-``<layer>::probes``; pictures of the run as ``image::<name>``. The metadata entry ``i2am_fast``
+``<layer>::probes``, with a share map ``<layer>::share``; pictures of the run as
+``image::<name>``. The metadata entry ``i2am_fast``
 holds the format name, the layer table and the trace's settings. Settings added after the
 first version are optional on reading; :class:`~i2am_fast.readout.maps.AttributionMaps` gives
 them their defaults.
@@ -18,18 +19,18 @@ import torch
 __all__ = ["FORMAT", "write_maps_file", "read_maps_file"]
 
 FORMAT = "i2am_fast.AttributionMaps/1"
-KINDS = ("generated", "reference", "probes")
+KINDS = ("generated", "reference", "probes", "share")
 
 
 def write_maps_file(path: str, layers: Sequence, state: dict, images: dict, settings: dict) -> None:
     """``layers``: dataclasses with a ``name`` (the layer table); ``state``: kind -> {layer name:
-    tensor} (a layer may lack probes); ``images``: name -> tensor; ``settings``: JSON values."""
+    tensor} (a layer may lack probes and share); ``images``: name -> tensor; ``settings``: JSON values."""
     from safetensors.torch import save_file
 
     tensors = {}
     for info in layers:
         for kind in KINDS:
-            if info.name in state[kind]:
+            if info.name in state.get(kind, {}):
                 tensors[f"{info.name}::{kind}"] = state[kind][info.name].detach().cpu().contiguous()
     for key, image in images.items():
         tensors[f"image::{key}"] = image.detach().float().cpu().contiguous()

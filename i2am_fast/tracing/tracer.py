@@ -151,6 +151,7 @@ class Tracer:
             {layer.name: layer.generated.clone() for layer in ran},
             {layer.name: layer.reference.clone() for layer in ran},
             {layer.name: layer.probes.clone() for layer in ran if layer.probes is not None},
+            share={layer.name: layer.share.clone() for layer in ran if layer.share is not None},
             latent_grid=self.latent_grid,
             time_groups=self.time_groups,
             num_steps=self.num_steps,
