@@ -55,12 +55,31 @@ def traced_run(name: str):
     return system, base, deviation, traced, cap, tracer.maps()
 
 
-def layer_name(system, site) -> str:
-    """The traced layer of a mapped site: an IP-Adapter processor's SDPA part ``1 + j`` is
-    ``<module>.ip<j>``; every other site is its module."""
+# I2VGen-XL's sources as the system file names its key runs -> as the adapter names them
+SOURCE_NAMES = {"image_grid": "image"}
+
+
+def traced_layers(site, num_queries: int, num_keys: int) -> list[tuple[str, str, list[int], object]]:
+    """(traced layer, source, reference key positions, key run) of a mapped site: an IP-Adapter
+    processor's SDPA part ``1 + j`` is ``<module>.ip<j>`` (source ``ip<j>``); a site with several
+    reference runs (I2VGen-XL) has one layer per run; any other site is its module."""
+    runs = site.references(num_queries, num_keys)
     if site.processor == "IPAdapterAttnProcessor2_0":
-        return f"{site.module}.ip{site.part - 1}"
-    return site.module
+        (run,) = runs
+        return [(f"{site.module}.ip{site.part - 1}", f"ip{site.part - 1}", run.indices(), run)]
+    if len(runs) > 1:
+        return [(f"{site.module}.{SOURCE_NAMES.get(r.name, r.name)}", SOURCE_NAMES.get(r.name, r.name), r.indices(), r)
+                for r in runs]
+    (run,) = runs
+    return [(site.module, None, run.indices(), run)]
+
+
+def site_layers(system, cap):
+    """Every (site, its first captured call, traced layer, source, key positions, key run)."""
+    for site in system.mapped_sites():
+        call = cap.for_module(site.module, site.part)[0]
+        for layer, source, keys, run in traced_layers(site, call.q.shape[2], call.k.shape[2]):
+            yield site, call, layer, source, keys, run
 
 
 def expected_entries(system) -> list[str]:
@@ -68,10 +87,6 @@ def expected_entries(system) -> list[str]:
     if batch.frames == 1:
         return [f"cond[{i}]" for i in range(batch.images)]
     return [f"cond[{i}].frame[{f}]" for i in range(batch.images) for f in range(batch.frames)]
-
-
-def raw_generated(maps, layer: str, tau: int, image: int, head: int) -> torch.Tensor:
-    return maps.generated(layer=layer, time_group=tau, image=image, head=head, normalize=False).flatten().double()
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -93,28 +108,39 @@ def test_traced_output_equals_the_untraced_one(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_maps_come_from_the_conditional_entries_of_the_mapped_sites(name):
-    system, _, _, _, _, maps = traced_run(name)
+    system, _, _, _, cap, maps = traced_run(name)
     assert maps.image_entries == expected_entries(system)
-    assert sorted(maps.layer_names()) == sorted(layer_name(system, s) for s in system.mapped_sites())
-    traced_modules = {n.rsplit(".ip", 1)[0] for n in maps.layer_names()}
+    assert sorted(maps.layer_names()) == sorted(layer for *_, layer, _, _, _ in site_layers(system, cap))
     left_out = {s.module for s in system.sites if s.kind in ("temporal", "projection")}
-    assert not traced_modules & left_out
+    for layer in maps.layer_names():
+        assert not any(layer == m or layer.startswith(m + ".") for m in left_out), f"{name}: {layer} is traced"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_generated_maps_match_float64_from_the_captured_calls(name):
+def test_maps_match_float64_from_the_captured_calls(name):
     system, _, _, _, cap, maps = traced_run(name)
     cond = system.batch.spatial_entries("cond")
-    for site in system.mapped_sites():
-        layer = layer_name(system, site)
-        call = cap.for_module(site.module, site.part)[0]
-        keys = [i for t in site.references(call.q.shape[2], call.k.shape[2]) for i in t.indices()]
+    for site, call, layer, source, keys, run in site_layers(system, cap):
+        info = next(i for i in maps.layers if i.name == layer)
+        shared = len(keys) < call.k.shape[2]  # the reference shares its softmax with other keys
+        assert info.has_share == shared, f"{name} {layer}: share map {info.has_share}, expected {shared}"
+        if run.grid is None:
+            assert info.token_list or len(keys) == 1, f"{name} {layer}: {len(keys)} non-spatial tokens read as a grid"
+        else:
+            assert (info.reference_grid, info.token_list) == (run.grid, False), f"{name} {layer}: {info}"
         expected = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=TIME_GROUPS)
         for tau in range(TIME_GROUPS):
             for image in range(len(cond)):
                 for head in range(call.q.shape[1]):
-                    close(raw_generated(maps, layer, tau, image, head), expected["generated"][tau, image, head],
-                          f"{name} {layer} generated tau={tau} image={image} head={head}")
+                    read = dict(layer=layer, time_group=tau, image=image, head=head, normalize=False)
+                    where = f"{name} {layer} tau={tau} image={image} head={head}"
+                    close(maps.generated(**read).flatten().double(), expected["generated"][tau, image, head],
+                          f"{where} generated")
+                    close(maps.reference(**read).flatten().double(), expected["reference"][tau, image, head],
+                          f"{where} reference")
+                    if shared:
+                        close(maps.share(**read).flatten().double(), expected["share"][tau, image, head],
+                              f"{where} share")
 
 
 # ----------------------------------------------------------------------------------------------

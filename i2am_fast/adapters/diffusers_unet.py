@@ -9,7 +9,9 @@
   ``AttnProcessor2_0`` / ``AttnProcessor`` (one traced layer), ``IPAdapterAttnProcessor2_0``
   (one traced layer per image branch, ``<name>.ip<j>``; the text branch is not traced) and
   ``AttnAddedKVProcessor2_0`` / ``AttnAddedKVProcessor`` (Kandinsky 2.2: the added tokens
-  share the softmax with the layer's own tokens, :mod:`.diffusers_added_kv`).
+  share the softmax with the layer's own tokens, :mod:`.diffusers_added_kv`). I2VGen-XL's
+  cross-attention holds two reference sources in one softmax with the text (one traced layer
+  each, ``<name>.image`` and ``<name>.image_clip``; :mod:`.diffusers_video`).
 - **Interception**: a processor swap (``set_processor``), undone on restore.
 - **Calls**: ``forward(sample, timestep, ...)``, positional or keyword. The latent grid is the
   last two axes of ``sample``; a video UNet's 5-D sample puts every frame in an attention batch
@@ -29,7 +31,8 @@ import torch
 from .base import AttentionSink, Guidance, ModelAdapter, ModelCall, Site
 from .diffusers_added_kv import I2AMAddedKVAttnProcessor
 from .diffusers_processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
-from .diffusers_video import SampleAxes, sample_axes, temporal_attention_names
+from .diffusers_video import (I2AMSourcesAttnProcessor, I2VGenXLContext, SampleAxes, sample_axes,
+                             temporal_attention_names)
 
 __all__ = ["DiffusersUNetAdapter"]
 
@@ -79,6 +82,8 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         self.options = options
         self.root, self.scheduler, self.vae_scale_factor = self._resolve(target)
+        self.i2vgen = I2VGenXLContext(self.root) if I2VGenXLContext.applies_to(self.root) else None
+        self._hooked = False
 
     @classmethod
     def accepts(cls, target) -> bool:
@@ -134,6 +139,8 @@ class DiffusersUNetAdapter(ModelAdapter):
                 raise _unsupported(name, module.processor)
             if kind == "ip_adapter":
                 layers = tuple(f"{name}.ip{j}" for j in range(len(module.processor.to_k_ip)))
+            elif kind == "plain" and self.i2vgen is not None:
+                layers = tuple(f"{name}.{source}" for source in self.i2vgen.SOURCES)
             else:
                 layers = (name,)
             chosen.append(Site(name, module, layers))
@@ -153,16 +160,21 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         module, original = site.module, site.module.processor
         kind = _processor_kind(original)
+        scale = module.scale if type(original) in (AttnProcessor, AttnAddedKVProcessor) else None
         if kind == "ip_adapter":
             processor = I2AMIPAdapterAttnProcessor(original, list(sinks))
+        elif self.i2vgen is not None and kind == "plain":
+            if not self._hooked:
+                self._hooked = True
+                self.remember(lambda: setattr(self, "_hooked", False))
+                self.i2vgen.install(self.remember)
+            processor = I2AMSourcesAttnProcessor(sinks, self.i2vgen.layouts, scale=scale)
         elif kind == "added_kv":
             (sink,) = sinks
-            processor = I2AMAddedKVAttnProcessor(
-                sink, scale=module.scale if type(original) is AttnAddedKVProcessor else None,
-                source=self._added_tokens_source())
+            processor = I2AMAddedKVAttnProcessor(sink, scale=scale, source=self._added_tokens_source())
         else:
             (sink,) = sinks
-            processor = I2AMAttnProcessor(sink, scale=module.scale if type(original) is AttnProcessor else None)
+            processor = I2AMAttnProcessor(sink, scale=scale)
         self.remember(lambda: module.set_processor(original))
         module.set_processor(processor)
 
