@@ -186,3 +186,29 @@ def test_a_processor_of_another_attention_is_to_be_left_out_never_swapped():
         i2am_fast.trace(system.pipe)
     message = str(info.value)
     assert "layers=" in message and "set_attn_processor" not in message
+
+
+@pytest.mark.parametrize("name, sources", [
+    ("sd_two_ip_adapters", {"ip0": (1, 4), "ip1": (1, 16)}),
+    ("i2vgen_xl", {"image": (8, 8), "image_clip": (1, 4)}),
+    ("kandinsky22", {"image": (1, 32)}),
+])
+def test_each_reference_source_reads_on_its_own(name, sources):
+    """Two IP-Adapters (or I2VGen-XL's image grid and CLIP tokens) are separate sources: each
+    reads as the mean over its own layers of the time-integrated, head-averaged float64 map; a
+    token list reads as a strip ``[1, n]``; without ``source=`` several sources are refused."""
+    system, _, _, _, cap, maps = traced_run(name)
+    assert maps.sources() == list(sources)
+    if len(sources) > 1:
+        with pytest.raises(ValueError, match="source="):
+            maps.reference()
+    cond = system.batch.spatial_entries("cond")
+    for source, grid in sources.items():
+        per_layer = []
+        for site, call, layer, layer_source, keys, run in site_layers(system, cap):
+            if (layer_source or "image") == source:
+                exp = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=TIME_GROUPS)
+                per_layer.append(exp["reference"].sum(0)[0].mean(0))  # image 0, mean over heads
+        read = maps.reference(source=source, normalize=False)
+        assert tuple(read.shape) == grid
+        close(read.flatten().double(), torch.stack(per_layer).mean(0), f"{name} reference(source={source!r})")
