@@ -24,7 +24,7 @@ def trace(target, **options) -> Tracer:
     ``target``: a diffusers pipeline (anything with ``.unet``, or ``.transformer``), or any
     ``torch.nn.Module`` holding diffusers ``Attention`` modules with cross-attention.
     ``options``: the fields of :class:`~i2am_fast.tracing.options.TraceOptions` (time_groups,
-    num_steps, cfg, layers, reference_grid, probes, inpaint_mask, cfg_layout, latent_grid),
+    num_steps, cfg, layers, reference_grid, probes, inpaint_mask, cfg_layout, latent_grid, layout),
     each described there.
     """
     checked = TraceOptions(**options)

@@ -282,3 +282,20 @@ def test_a_layout_that_does_not_fit_the_call_is_an_error_naming_the_layer(joint)
         with torch.no_grad(), trace_joint(model, bad_mask, num_steps=STEPS):
             run(model)
     assert not any("forward" in vars(b) for b in model.blocks)
+
+
+def test_report_draws_share_maps_and_token_lists_as_strips(traced, tmp_path):
+    from PIL import Image
+
+    from i2am_fast.readout.report import write_outputs
+
+    _, maps = traced
+    written = write_outputs(maps, str(tmp_path))
+    for name in ("share_map.png", "reference_map.png", "reference_map.style.png", "share_map.style.png"):
+        assert name in written, sorted(written)
+    garment = Image.open(written["reference_map.png"])
+    style = Image.open(written["reference_map.style.png"])
+    assert (garment.height, garment.width) == tuple(8 * v for v in GARMENT_GRID)
+    assert (style.height, style.width) == (8, 8 * STYLE_TOKENS)  # one row of tokens
+    page = open(written["report.html"]).read()
+    assert "Share of attention on the reference" in page and f"{STYLE_TOKENS} tokens" in page

@@ -13,7 +13,7 @@ diffusers' ``Attention.forward`` passes a processor only the keyword arguments i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,11 @@ from .base import PLAIN_LAYOUT, AttentionSink, KeyTokens, QueryTokens, TokenLayo
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
 
-__all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor", "Projected", "finish", "merge_heads", "no_attention_mask",
-           "project"]
+__all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor", "I2AMInterceptingProcessor", "Projected", "finish",
+           "merge_heads", "no_attention_mask", "project"]
+
+# (query [B, H, Nq, d], key [B, H, Nk, d], the attention input's (h, w) for 4-D inputs) -> layout
+LayoutOf = Callable[[torch.Tensor, torch.Tensor, Optional[tuple]], TokenLayout]
 
 
 def no_attention_mask(attention_mask, layer_name: str) -> None:
@@ -119,16 +122,22 @@ def _query_tokens(p: Projected) -> QueryTokens:
     return QueryTokens() if p.input_shape is None else QueryTokens(grid=(p.input_shape[2], p.input_shape[3]))
 
 
+def _input_grid(p: Projected) -> Optional[tuple]:
+    return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
+
+
 class I2AMAttnProcessor:
     """``AttnProcessor2_0`` (and ``AttnProcessor``) with the attention computed by i2am_fast.
 
     ``scale`` is the scale of the processor replaced: ``None`` (SDPA's default ``1/sqrt(d)``)
-    for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``.
+    for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``. ``layout_of`` gives each
+    call's token layout (a self-attention layout); default: plain cross-attention.
     """
 
-    def __init__(self, layer: AttentionSink, scale: Optional[float] = None):
+    def __init__(self, layer: AttentionSink, scale: Optional[float] = None, layout_of: Optional[LayoutOf] = None):
         self.layer = layer
         self.scale = scale
+        self.layout_of = layout_of
 
     def __call__(
         self,
@@ -142,8 +151,60 @@ class I2AMAttnProcessor:
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layer.name)
         p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
-        out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=_layout(p))
+        layout = _layout(p) if self.layout_of is None else self.layout_of(p.query, p.key, _input_grid(p))
+        out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=layout)
         return finish(attn, merge_heads(out, p.query.dtype), p)
+
+
+class I2AMInterceptingProcessor:
+    """Runs a processor i2am_fast cannot repeat (a custom one that appends reference tokens inside
+    itself, say) and traces the one ``F.scaled_dot_product_attention`` call it makes.
+
+    While the wrapped processor runs, ``torch.nn.functional.scaled_dot_product_attention`` is
+    replaced by a function that hands its ``(query, key, value)`` to the traced layer (the same
+    softmax attention, so the output is unchanged to float32 rounding) and is put back after it,
+    also when it raises. The processor must call it exactly once, without a mask, causal flag or
+    dropout; anything else is refused with an error naming the layer.
+    """
+
+    def __init__(self, original, layer: AttentionSink, layout_of: LayoutOf):
+        self.original = original
+        self.layer = layer
+        self.layout_of = layout_of
+
+    def __call__(self, attn: "Attention", hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        grid = tuple(hidden_states.shape[2:]) if hidden_states.ndim == 4 else None
+        calls = []
+        name = self.layer.name
+
+        def traced_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **extra):
+            if attn_mask is not None or is_causal or dropout_p or any(extra.values()):
+                raise ValueError(f"layer {name}: its processor {type(self.original).__name__} calls "
+                                 "scaled_dot_product_attention with a mask, causal flag or dropout, which cannot be "
+                                 "traced; exclude the layer with trace(..., layers=...).")
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError(f"layer {name}: its processor {type(self.original).__name__} calls "
+                                 "scaled_dot_product_attention more than once; only one attention per call can be "
+                                 "traced. Exclude the layer with trace(..., layers=...).")
+            layout = self.layout_of(query, key, grid)
+            return self.layer.attend(query, key, value, scale=scale, layout=layout)
+
+        kwargs = dict(kwargs, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask)
+        if temb is not None:
+            kwargs["temb"] = temb
+        original_sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = traced_sdpa
+        try:
+            out = self.original(attn, hidden_states, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = original_sdpa
+        if not calls:
+            raise ValueError(f"layer {name}: its processor {type(self.original).__name__} computes its attention "
+                             "without scaled_dot_product_attention, so it cannot be traced; set diffusers' "
+                             "AttnProcessor2_0 on the layer or exclude it with trace(..., layers=...).")
+        return out
 
 
 class I2AMIPAdapterAttnProcessor:

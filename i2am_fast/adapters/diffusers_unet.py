@@ -13,13 +13,20 @@
   cross-attention holds two reference sources in one softmax with the text (one traced layer
   each, ``<name>.image`` and ``<name>.image_clip``; :mod:`.diffusers_video`).
 - **Interception**: a processor swap (``set_processor``), undone on restore.
+- **Self-attention layouts** (``trace(..., layout="appended" | "stacked-height" |
+  "stacked-width" | callable)``, :mod:`.layouts`): the sites are the ``attn1`` self-attention
+  modules instead. A stock ``AttnProcessor2_0`` / ``AttnProcessor`` (exactly those classes) is
+  swapped; any other processor runs as it is, with its one scaled-dot-product attention call
+  traced (:class:`I2AMInterceptingProcessor`). With ``"appended"``, the pipeline's other UNets
+  (IDM-VTON's garment UNet) get a forward pre-hook that reads the reference network's grid.
 - **Calls**: ``forward(sample, timestep, ...)``, positional or keyword. The latent grid is the
-  last two axes of ``sample``; a video UNet's 5-D sample puts every frame in an attention batch
-  entry of its own (:mod:`.diffusers_video`). The batch is ``[uncond, cond]`` when the two
-  halves of its noisy latents are bit-identical, which is how diffusers pipelines build it
-  (``torch.cat([latents] * 2)``). The noisy latents are the first ``min(in_channels,
-  out_channels)`` input channels: pipelines concatenate conditioning after them (inpainting
-  masks, Stable Video Diffusion's image latents, which are zero in the unconditional half).
+  last two axes of ``sample`` (the person half of a stacked sample); a video UNet's 5-D sample
+  puts every frame in an attention batch entry of its own (:mod:`.diffusers_video`). The batch
+  is ``[uncond, cond]`` when the two halves of its noisy latents are bit-identical, which is
+  how diffusers pipelines build it (``torch.cat([latents] * 2)``). The noisy latents are the
+  first ``min(in_channels, out_channels)`` input channels: pipelines concatenate conditioning
+  after them, and some zero it in the unconditional half on purpose (Stable Video Diffusion's
+  image latents, CatVTON's garment, IDM-VTON's garment features).
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from typing import Sequence
 
 import torch
 
-from .base import AttentionSink, Guidance, ModelAdapter, ModelCall, Site
+from .base import AttentionSink, Guidance, ModelAdapter, ModelCall, Site, TokenLayout
 from .diffusers_added_kv import I2AMAddedKVAttnProcessor
-from .diffusers_processors import I2AMAttnProcessor, I2AMIPAdapterAttnProcessor
+from .diffusers_processors import I2AMAttnProcessor, I2AMInterceptingProcessor, I2AMIPAdapterAttnProcessor
 from .diffusers_video import (I2AMSourcesAttnProcessor, I2VGenXLContext, SampleAxes, sample_axes,
                              temporal_attention_names)
+from .layouts import LayoutCall, built_in_layout, generated_latent_grid
 
 __all__ = ["DiffusersUNetAdapter"]
 
@@ -66,7 +74,8 @@ def _unsupported(name: str, processor) -> ValueError:
                   f"(model.set_attn_processor({same}())), or leave the layer out with trace(..., layers=...).")
     else:
         advice = ("Leave the layer out with trace(..., layers=...); replacing its processor would change what "
-                  "the model computes.")
+                  "the model computes. For a model whose reference sits in self-attention, pass layout= "
+                  "('appended', 'stacked-height', 'stacked-width').")
     return ValueError(
         f"cross-attention layer {name} uses {cls}, whose attention i2am_fast does not reproduce (it traces "
         f"{', '.join(TRACED_PROCESSORS)}). {advice}"
@@ -82,8 +91,13 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         self.options = options
         self.root, self.scheduler, self.vae_scale_factor = self._resolve(target)
+        self.target = target
+        self.sample_grid = None  # (h, w) of the sample of the call in progress
+        self.reference_grid = None  # (h, w) of the reference network's latest sample
         self.i2vgen = I2VGenXLContext(self.root) if I2VGenXLContext.applies_to(self.root) else None
         self._hooked = False
+        if options.self_attention:
+            self.layout_function = options.layout if callable(options.layout) else built_in_layout(options.layout)
 
     @classmethod
     def accepts(cls, target) -> bool:
@@ -122,6 +136,8 @@ class DiffusersUNetAdapter(ModelAdapter):
         return temporal_attention_names(self.root), inside_projection
 
     def sites(self) -> list[Site]:
+        if self.options.self_attention:
+            return self._self_attention_sites()
         from diffusers.models.attention_processor import Attention
 
         temporal, inside_projection = self._never_traced()
@@ -155,12 +171,66 @@ class DiffusersUNetAdapter(ModelAdapter):
             )
         return chosen
 
+    def _self_attention_sites(self) -> list[Site]:
+        """The self-attention modules (default: those named ``*.attn1``) that ``layers`` keeps."""
+        from diffusers.models.attention_processor import Attention
+
+        temporal, inside_projection = self._never_traced()
+        chosen = [
+            Site(name, module, (name,)) for name, module in self.root.named_modules()
+            if isinstance(module, Attention) and not module.is_cross_attention
+            and name not in temporal and name not in inside_projection
+            and (self.options.layers is not None or name.endswith("attn1")) and self.options.keeps(name, module)
+        ]
+        if not chosen:
+            raise ValueError(
+                f"no self-attention layers to trace in {type(self.root).__name__} for layout={self.options.layout!r}"
+                + ("" if self.options.layers is None else f" matching layers={self.options.layers!r}")
+                + ": trace looks for diffusers Attention modules without cross-attention (named *.attn1 by default)."
+            )
+        return chosen
+
+    def _layout_of(self, layer: str):
+        def layout_of(query, key, input_grid) -> TokenLayout:
+            call = LayoutCall(self.sample_grid, self.reference_grid, input_grid)
+            layout = self.layout_function(layer, query.shape, key.shape, call)
+            if not isinstance(layout, TokenLayout):
+                raise ValueError(f"layer {layer}: the layout callable returned {type(layout).__name__}; it must return "
+                                 "an i2am_fast.adapters.base.TokenLayout.")
+            return layout
+
+        return layout_of
+
+    def _hook_reference_networks(self) -> None:
+        """Reads the grid of every other UNet of the pipeline (a reference network) at each call."""
+        for value in list(vars(self.target).values()) if hasattr(self.target, "__dict__") else []:
+            if isinstance(value, torch.nn.Module) and value is not self.root and "UNet" in type(value).__name__:
+                def read_grid(module, args, kwargs):
+                    sample = kwargs.get("sample", args[0] if args else None)
+                    if isinstance(sample, torch.Tensor) and sample.dim() == 4:
+                        self.reference_grid = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+                self.remember(value.register_forward_pre_hook(read_grid, with_kwargs=True).remove)
+
     def install(self, site: Site, sinks: Sequence[AttentionSink]) -> None:
-        from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor
+        from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor, AttnProcessor2_0
 
         module, original = site.module, site.module.processor
-        kind = _processor_kind(original)
         scale = module.scale if type(original) in (AttnProcessor, AttnAddedKVProcessor) else None
+        if self.options.self_attention:
+            if not self._hooked and self.options.layout == "appended":
+                self._hooked = True
+                self._hook_reference_networks()
+            (sink,) = sinks
+            layout_of = self._layout_of(site.name)
+            if type(original) in (AttnProcessor2_0, AttnProcessor):
+                processor = I2AMAttnProcessor(sink, scale=scale, layout_of=layout_of)
+            else:
+                processor = I2AMInterceptingProcessor(original, sink, layout_of)
+            self.remember(lambda: module.set_processor(original))
+            module.set_processor(processor)
+            return
+        kind = _processor_kind(original)
         if kind == "ip_adapter":
             processor = I2AMIPAdapterAttnProcessor(original, list(sinks))
         elif self.i2vgen is not None and kind == "plain":
@@ -197,6 +267,9 @@ class DiffusersUNetAdapter(ModelAdapter):
         axes = sample_axes(self.root, sample)
         frames = axes.frames(sample)
         grid = (int(sample.shape[-2]), int(sample.shape[-1])) if sample.dim() in (4, 5) else None
+        self.sample_grid = grid
+        if grid is not None and self.options.layout in ("stacked-height", "stacked-width"):
+            grid = generated_latent_grid(self.options.layout, grid)
         return ModelCall(int(sample.shape[0]) * frames, timestep, grid, self._guidance(sample, axes, frames),
                          describe=f"a sample of shape {list(sample.shape)}")
 

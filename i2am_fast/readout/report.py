@@ -11,6 +11,11 @@ Used by ``i2am-fast demo``, ``run`` and ``show``. Given :class:`~i2am_fast.Attri
   head (the layouts of the paper's figures 5-8);
 - ``specific_reference.png``: for each probed latent cell, the cell boxed in red on the
   generated image beside its specific-reference map;
+- where the reference shares one softmax with other tokens: ``share_map.png`` /
+  ``share_overlay.png``, the fraction of each generated token's attention on the reference;
+- with several reference sources, the first source's maps under the names above and each
+  other source's as ``reference_map.<source>.png`` (and ``share_map.<source>.png``); a source
+  that is a token list (no grid) is drawn as a strip, never as a square;
 - ``maps.safetensors`` (maps plus the images), ``imacs.json``, ``report.html`` (one page,
   images embedded, no server needed).
 """
@@ -79,25 +84,31 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             save(f"{key}.png", pil[key])
     tick(1)
 
-    generated_base, reference_base = pil.get("generated"), pil.get("garment")
+    sources = maps.sources()
+    main = sources[0]
+    strip = all(info.token_list for info in maps.layers if info.source == main)
+    generated_base = pil.get("generated")
+    reference_base = None if strip else pil.get("garment")  # a token list has no picture to overlay
     # Without the pictures: the generated map at the model's image size; the reference map
     # drawn at the same number of pixels per token (only a display size).
     factor = maps.vae_scale_factor
     gen_size = (generated_base.height, generated_base.width) if generated_base else tuple(factor * v for v in maps.latent_grid)
     ref_size = (reference_base.height, reference_base.width) if reference_base else tuple(factor * v for v in maps.reference_grid)
-    g_all, r_all = maps.generated(), maps.reference()
+    g_all, r_all = maps.generated(), maps.reference(source=main)
     save("generated_map.png", heatmap(g_all, gen_size, mode="nearest"))
     save("reference_map.png", heatmap(r_all, ref_size, mode="nearest"))
     if generated_base is not None:
         save("generated_overlay.png", overlay(generated_base, g_all, alpha=0.5, threshold=threshold))
     if reference_base is not None:
         save("reference_overlay.png", overlay(reference_base, r_all, alpha=0.5, threshold=threshold))
+    _write_sources(maps, sources, save, gen_size, generated_base, threshold)
     tick(2)
 
     groups = range(maps.time_groups)
     group_labels = [f"t{tau} (steps {tau * maps.num_steps // maps.time_groups}-{(tau + 1) * maps.num_steps // maps.time_groups - 1})" for tau in groups]
+    read_reference = lambda **selection: maps.reference(source=main, **selection)  # noqa: E731
     for kind, base, size, read in (("generated", generated_base, gen_size, maps.generated),
-                                    ("reference", reference_base, ref_size, maps.reference)):
+                                    ("reference", reference_base, ref_size, read_reference)):
         tiles = _map_tiles(lambda tau: read(time_group=tau), maps.time_groups, base, size, group_labels)
         save(f"{kind}_time_groups.png", contact_sheet(tiles, group_labels, title=f"{kind} map, head-integrated, per time group"))
     tick(3)
@@ -105,7 +116,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
     heads = min(info.heads for info in maps.layers)
     head_labels = [f"head {n}" for n in range(heads)]
     for kind, base, size, read in (("generated", generated_base, gen_size, maps.generated),
-                                    ("reference", reference_base, ref_size, maps.reference)):
+                                    ("reference", reference_base, ref_size, read_reference)):
         tiles = _map_tiles(lambda n: read(head=n), heads, base, size, head_labels)
         save(f"{kind}_heads.png", contact_sheet(tiles, head_labels, columns=min(heads, 8),
                                                 title=f"{kind} map, time-integrated, per head"))
@@ -120,7 +131,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
             sy, sx = left.height / h, left.width / w
             tiles.append(_scaled(draw_box(left, (c * sx, r * sy, (c + 1) * sx - 1, (r + 1) * sy - 1), width=2)))
             labels.append(f"cell {point}")
-            m = maps.specific_reference(point)
+            m = maps.specific_reference(point, source=main)
             tiles.append(_scaled(overlay(reference_base, m, alpha=0.55) if reference_base is not None else heatmap(m, ref_size, mode="bicubic")))
             labels.append("its reference map")
         save("specific_reference.png", contact_sheet(tiles, labels, columns=2, title="specific-reference maps"))
@@ -149,6 +160,26 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
     return written
 
 
+def _write_sources(maps: AttributionMaps, sources: list, save, gen_size, generated_base, threshold) -> None:
+    """The share maps (where layers have one) and the reference maps of every source after the first."""
+    factor = maps.vae_scale_factor
+    for j, source in enumerate(sources):
+        suffix = "" if j == 0 else f".{_file_part(source)}"
+        infos = [info for info in maps.layers if info.source == source]
+        if any(info.has_share for info in infos):
+            m = maps.share(source=source)
+            save(f"share_map{suffix}.png", heatmap(m, gen_size, mode="nearest"))
+            if generated_base is not None and j == 0:
+                save("share_overlay.png", overlay(generated_base, m, alpha=0.5, threshold=threshold))
+        if j > 0:
+            r = maps.reference(source=source)
+            save(f"reference_map{suffix}.png", heatmap(r, tuple(factor * v for v in r.shape), mode="nearest"))
+
+
+def _file_part(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))
+
+
 def _data_uri(path: str) -> str:
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
@@ -166,6 +197,9 @@ _CAPTIONS = [
      "Head-integrated maps per time group (eq. 10), from the first (noisiest) steps to the last."),
     ("Over heads", ["generated_heads.png", "reference_heads.png"],
      "Time-integrated maps per attention head (eq. 11)."),
+    ("Share of attention on the reference", ["share_map.png", "share_overlay.png"],
+     "Reference-share map: for each generated token, the part of its attention (one softmax over every key, "
+     "reference, text and the image itself) that lands on the reference tokens."),
     ("Specific-reference maps", ["specific_reference.png"],
      "For each probed latent cell (red box), the reference regions that cell attended to (eq. 16)."),
 ]
@@ -195,7 +229,10 @@ def _report_html(maps: AttributionMaps, written: dict, scores: Optional[dict], t
                          f"<td>{part['inside']:.3f}</td><td>{part['outside']:.3f}</td></tr>")
         parts.append(f"</table><p class='caption'>λ = {scores['lambda']}, threshold = {scores['threshold']}; "
                      "range [−λ, 1], higher means the attribution stays inside the masks.</p>")
-    for heading, names, caption in _CAPTIONS:
+    others = sorted(n for n in written if n.startswith(("reference_map.", "share_map.")) and n.count(".") > 1)
+    captions = _CAPTIONS + [("Other reference sources", others, "Reference and share maps of each further reference "
+                             "source (named after the dot); a token-list source is drawn as a strip.")]
+    for heading, names, caption in captions:
         present = [n for n in names if n in written]
         if not present:
             continue
@@ -203,9 +240,12 @@ def _report_html(maps: AttributionMaps, written: dict, scores: Optional[dict], t
         for name in present:
             parts.append(f"<img alt='{html.escape(name)}' title='{html.escape(name)}' src='{_data_uri(written[name])}'>")
         parts.append(f"<p class='caption'>{html.escape(caption)}</p>")
-    parts.append("<h2>Traced layers</h2><table><tr><th>layer</th><th>query grid</th><th>reference grid</th><th>heads</th><th>keys</th></tr>")
+    parts.append("<h2>Traced layers</h2><table><tr><th>layer</th><th>source</th><th>query grid</th><th>reference grid</th>"
+                 "<th>share</th><th>heads</th><th>keys</th></tr>")
     for info in maps.layers:
-        parts.append(f"<tr><td style='text-align:left'>{html.escape(info.name)}</td><td>{info.generated_grid[0]}×{info.generated_grid[1]}</td>"
-                     f"<td>{info.reference_grid[0]}×{info.reference_grid[1]}</td><td>{info.heads}</td><td>{info.num_keys}</td></tr>")
+        grid = f"{info.reference_grid[1]} tokens" if info.token_list else f"{info.reference_grid[0]}×{info.reference_grid[1]}"
+        parts.append(f"<tr><td style='text-align:left'>{html.escape(info.name)}</td><td>{html.escape(info.source)}</td>"
+                     f"<td>{info.generated_grid[0]}×{info.generated_grid[1]}</td><td>{grid}</td>"
+                     f"<td>{'yes' if info.has_share else ''}</td><td>{info.heads}</td><td>{info.num_keys}</td></tr>")
     parts.append("</table></body></html>\n")
     return "\n".join(parts)

@@ -8,13 +8,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "LayerSelector", "ReferenceGrid"]
+from ..adapters.layouts import BUILT_IN_LAYOUTS, LayoutFunction
+
+__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "LayerSelector", "Layout", "ReferenceGrid"]
 
 CFG_CHOICES = ("cond", "uncond", "both")
 CFG_LAYOUTS = ("auto", "doubled", "none", "separate")
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[str, torch.nn.Module], bool]]
 ReferenceGrid = Union[None, Sequence[int], Callable[[str, int, tuple], Sequence[int]]]
+Layout = Union[str, LayoutFunction]
 
 
 def _positive_int(value, name: str, allow_none: bool = False):
@@ -77,6 +80,13 @@ class TraceOptions:
             ``"doubled"`` (``[uncond, cond]`` in one batch), ``"none"`` or ``"separate"`` (two
             calls per step, unconditional first).
         latent_grid: the latent ``(h, w)`` when the traced module's input does not show it.
+        layout: which attention calls hold the reference, and where: ``"cross"`` (default: the
+            cross-attention layers, every key a reference token), ``"appended"`` (IDM-VTON,
+            OOTDiffusion: self-attention over ``[own ; reference]`` tokens), ``"stacked-height"``
+            / ``"stacked-width"`` (CatVTON: person and garment in one latent), or a callable
+            ``(layer_name, q_shape, k_shape, call) -> TokenLayout`` (see
+            :mod:`i2am_fast.adapters.layouts`). The self-attention layouts trace the ``attn1``
+            layers.
     """
 
     time_groups: int = 5
@@ -88,6 +98,7 @@ class TraceOptions:
     inpaint_mask: Optional[torch.Tensor] = None
     cfg_layout: str = "auto"
     latent_grid: Optional[Sequence[int]] = None
+    layout: Layout = "cross"
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -104,6 +115,16 @@ class TraceOptions:
             put("reference_grid", tuple(self.reference_grid))
         if self.latent_grid is not None:
             put("latent_grid", (int(self.latent_grid[0]), int(self.latent_grid[1])))
+        if not callable(self.layout) and self.layout not in BUILT_IN_LAYOUTS:
+            raise ValueError(
+                f"layout must be one of {BUILT_IN_LAYOUTS} or a callable (layer_name, q_shape, k_shape, call) -> "
+                f"TokenLayout, got {self.layout!r}."
+            )
+
+    @property
+    def self_attention(self) -> bool:
+        """Whether the layout puts the reference into self-attention (anything but ``"cross"``)."""
+        return self.layout != "cross"
 
     def keeps(self, name: str, module) -> bool:
         """Whether the ``layers`` option selects the attention module ``name``."""
