@@ -299,3 +299,20 @@ def test_report_draws_share_maps_and_token_lists_as_strips(traced, tmp_path):
     assert (style.height, style.width) == (8, 8 * STYLE_TOKENS)  # one row of tokens
     page = open(written["report.html"]).read()
     assert "Share of attention on the reference" in page and f"{STYLE_TOKENS} tokens" in page
+
+
+def test_share_reads_the_only_source_that_has_one(traced):
+    """A second source with a softmax of its own (an IP-Adapter beside a joint attention, say)."""
+    _, maps = traced
+    layers = [i for i in maps.layers if i.source == "garment"]
+    plain = [type(i)(i.name + ".ip", i.generated_grid, (1, 4), 0, i.heads, 4, source="ip", token_list=True)
+             for i in layers]
+    state = lambda d: {**{i.name: d[i.name] for i in layers}}  # noqa: E731
+    ip_ref = {i.name: torch.rand(2, IMAGES, HEADS, 4) for i in plain}
+    ip_gen = {i.name: torch.rand(2, IMAGES, HEADS, TARGET) for i in plain}
+    mixed = AttributionMaps(layers + plain, {**state(maps._generated), **ip_gen}, {**state(maps._reference), **ip_ref},
+                            {}, share=state(maps._share), latent_grid=GRID, time_groups=2, num_steps=STEPS)
+    torch.testing.assert_close(mixed.share(), maps.share(source="garment"))
+    with pytest.raises(ValueError, match="source 'ip' has no share map"):
+        mixed.share(source="ip")
+    assert mixed.reference(source="ip").shape == (1, 4)

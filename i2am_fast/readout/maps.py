@@ -124,8 +124,10 @@ class AttributionMaps:
             if info.has_share and info.name not in self._share:
                 raise ValueError(f"layer {info.name} has a share map but no share state was given.")
         self.num_images = int(self._generated[self.layers[0].name].shape[1])
-        # The grid reference maps are read on, for the first source (all of them for one source).
-        self.reference_grid = self._reference_target(self._source_layers(self.sources()[0]))
+        # The finest reference grid of the first source (of every layer, for one source): the grid
+        # its reference maps are read on.
+        first = self._source_layers(self.sources()[0])
+        self.reference_grid = max((info.reference_grid for info in first), key=lambda g: g[0] * g[1])
 
     # ------------------------------------------------------------------ sources
     def sources(self) -> list[str]:
@@ -146,10 +148,11 @@ class AttributionMaps:
         name = self._source_name(source)
         return [info for info in self.layers if info.source == name]
 
-    def _reference_layers(self, source, reader: str) -> list[LayerInfo]:
-        """The layers a reference-side read averages: those of ``source``, or of the only source."""
+    def _reference_layers(self, source, reader: str, names: Optional[list[str]] = None) -> list[LayerInfo]:
+        """The layers a reference-side read averages: those of ``source``, or of the only source
+        (among ``names``, default every source)."""
         if source is None:
-            names = self.sources()
+            names = self.sources() if names is None else names
             if len(names) > 1:
                 grids = {n: sorted({i.reference_grid for i in self._source_layers(n)}) for n in names}
                 raise ValueError(
@@ -202,7 +205,12 @@ class AttributionMaps:
                 raise ValueError(f"layer {layer!r} has no share map: its reference keys have a softmax of their own.")
             infos = None
         else:
-            infos = [info for info in self._reference_layers(source, "share") if info.has_share]
+            with_share = list(dict.fromkeys(info.source for info in self.layers if info.has_share))
+            infos = [] if not with_share else [
+                info for info in self._reference_layers(source, "share", with_share) if info.has_share]
+            if with_share and not infos:
+                raise ValueError(f"source {source!r} has no share map (its keys have a softmax of their own); "
+                                 f"sources with share maps: {with_share}.")
             if not infos:
                 raise ValueError(
                     "no traced layer has a share map: share maps exist where the reference shares one softmax with "
