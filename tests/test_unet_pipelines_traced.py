@@ -212,3 +212,8 @@ def test_each_reference_source_reads_on_its_own(name, sources):
         read = maps.reference(source=source, normalize=False)
         assert tuple(read.shape) == grid
         close(read.flatten().double(), torch.stack(per_layer).mean(0), f"{name} reference(source={source!r})")
+        assert tuple(maps.generated(source=source).shape) == system.latent_grid
+        if name != "sd_two_ip_adapters":  # its sources have softmaxes of their own: no share map
+            assert tuple(maps.share(source=source).shape) == system.latent_grid
+    if len(sources) == 1:
+        assert tuple(maps.share().shape) == system.latent_grid  # the only source needs no name
