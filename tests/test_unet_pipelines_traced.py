@@ -217,3 +217,21 @@ def test_each_reference_source_reads_on_its_own(name, sources):
             assert tuple(maps.share(source=source).shape) == system.latent_grid
     if len(sources) == 1:
         assert tuple(maps.share().shape) == system.latent_grid  # the only source needs no name
+
+
+@pytest.mark.parametrize("name", ["svd", "i2vgen_xl"])
+def test_video_guidance_halves_both_give_every_frame_of_each_half(name):
+    """cfg="both": the unconditional video's frames first, then the conditional one's, each from
+    its own attention entry (SVD's halves differ in the image latents and are still found)."""
+    system, _, _, _, cap, _ = traced_run(name)
+    with torch.no_grad(), i2am_fast.trace(system.pipe, cfg="both") as tracer:
+        system.run(seed=0)
+    maps = tracer.maps()
+    frames = system.batch.frames
+    assert maps.image_entries == [f"{half}[0].frame[{f}]" for half in ("uncond", "cond") for f in range(frames)]
+    entries = system.batch.spatial_entries("uncond") + system.batch.spatial_entries("cond")
+    site, call, layer, _, keys, _ = next(iter(site_layers(system, cap)))
+    expected = accumulate_maps(cap, site.module, site.part, batch=entries, keys=keys, time_groups=TIME_GROUPS)
+    for image in range(len(entries)):
+        read = maps.generated(layer=layer, image=image, head=0, normalize=False).flatten().double()
+        close(read, expected["generated"].sum(0)[image, 0], f"{name} {layer} image={image}")
