@@ -235,3 +235,21 @@ def test_video_guidance_halves_both_give_every_frame_of_each_half(name):
     for image in range(len(entries)):
         read = maps.generated(layer=layer, image=image, head=0, normalize=False).flatten().double()
         close(read, expected["generated"].sum(0)[image, 0], f"{name} {layer} image={image}")
+
+
+def test_the_legacy_added_kv_processor_is_traced_as_the_model_computes_it():
+    """``AttnAddedKVProcessor`` (no SDPA, ``attn.scale``) is repeated too: same output, same maps."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    system, _, deviation, _, _, maps = traced_run("kandinsky22")
+    system = systems_unet.build("kandinsky22")
+    system.denoiser.set_attn_processor(AttnAddedKVProcessor())
+    base = system.run(seed=0)
+    with torch.no_grad(), i2am_fast.trace(system.pipe) as tracer:
+        traced = system.run(seed=0)
+    assert float((traced - base).abs().max()) <= output_tolerance(deviation)
+    legacy = tracer.maps()
+    for layer in maps.layer_names():
+        for kind in ("generated", "reference", "share"):
+            read = dict(layer=layer, normalize=False)
+            close(getattr(legacy, kind)(**read).double(), getattr(maps, kind)(**read).double(), f"{layer} {kind}")

@@ -60,6 +60,7 @@ class I2AMAddedKVAttnProcessor:
         self.layer = layer
         self.scale = scale
         self.source = source
+        self._layouts: dict = {}  # (grid, added tokens, keys) -> TokenLayout, the same object every call
 
     def __call__(
         self,
@@ -94,7 +95,10 @@ class I2AMAddedKVAttnProcessor:
             key = torch.cat([added_key, _split_heads(attn, attn.to_k(hidden_states))], dim=2)
             value = torch.cat([added_value, _split_heads(attn, attn.to_v(hidden_states))], dim=2)
 
-        layout = added_kv_layout((height, width), added_key.shape[2], key.shape[2], self.source)
+        shape = ((height, width), added_key.shape[2], key.shape[2])
+        if shape not in self._layouts:
+            self._layouts[shape] = added_kv_layout(*shape, self.source)
+        layout = self._layouts[shape]
         out = self.layer.attend(query, key, value, scale=self.scale, layout=layout)
         hidden_states = merge_heads(out, query.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear projection
