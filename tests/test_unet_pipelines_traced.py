@@ -158,8 +158,8 @@ def test_temporal_attention_is_left_out_and_named_when_it_is_all_that_is_selecte
 
 
 @pytest.mark.parametrize("name, processor, advice", [
-    ("kandinsky22", "SlicedAttnAddedKVProcessor", "AttnAddedKVProcessor2_0()"),
-    ("paint_by_example", "SlicedAttnProcessor", "AttnProcessor2_0()"),
+    ("kandinsky22", "SlicedAttnAddedKVProcessor", "AttnAddedKVProcessor()"),
+    ("paint_by_example", "SlicedAttnProcessor", "AttnProcessor()"),
 ])
 def test_a_processor_with_the_same_attention_is_named_as_the_one_to_set(name, processor, advice):
     from diffusers.models import attention_processor
@@ -253,3 +253,32 @@ def test_the_legacy_added_kv_processor_is_traced_as_the_model_computes_it():
         for kind in ("generated", "reference", "share"):
             read = dict(layer=layer, normalize=False)
             close(getattr(legacy, kind)(**read).double(), getattr(maps, kind)(**read).double(), f"{layer} {kind}")
+
+
+@pytest.mark.parametrize("processor", ["AttnProcessor", "AttnProcessor2_0"])
+def test_query_key_norms_are_applied_as_the_replaced_processor_applies_them(processor):
+    """``AttnProcessor2_0`` applies ``norm_q`` / ``norm_k``; the legacy ``AttnProcessor`` does not.
+    A traced layer computes what the processor it replaces computes, either way."""
+    from diffusers.models import attention_processor
+    from diffusers.models.attention_processor import Attention
+
+    class OneCrossAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8, qk_norm="layer_norm",
+                                  processor=getattr(attention_processor, processor)())
+
+        def forward(self, sample, timestep, context):  # sample [B, 16, h, w] -> tokens [B, h*w, 16]
+            return self.attn(sample.flatten(2).transpose(1, 2), encoder_hidden_states=context)
+
+    g = torch.Generator().manual_seed(3)
+    model = OneCrossAttention().eval()
+    for norm in (model.attn.norm_q, model.attn.norm_k):  # not the identity at initialisation
+        torch.nn.init.normal_(norm.weight, 1.0, 0.5, generator=g)
+        torch.nn.init.normal_(norm.bias, 0.0, 0.5, generator=g)
+    sample, context = torch.randn(1, 16, 3, 5, generator=g), torch.randn(1, 9, 8, generator=g)
+    with torch.no_grad():
+        base = model(sample, torch.tensor(1), context)
+        with i2am_fast.trace(model, num_steps=1):
+            traced = model(sample, torch.tensor(1), context)
+    assert float((traced - base).abs().max()) <= 1e-5 * float(base.abs().max())

@@ -132,12 +132,16 @@ class I2AMAttnProcessor:
     ``scale`` is the scale of the processor replaced: ``None`` (SDPA's default ``1/sqrt(d)``)
     for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``. ``layout_of`` gives each
     call's token layout (a self-attention layout); default: plain cross-attention.
+    ``qk_norm``: apply ``attn.norm_q`` / ``norm_k``, as ``AttnProcessor2_0`` does and
+    ``AttnProcessor`` does not.
     """
 
-    def __init__(self, layer: AttentionSink, scale: Optional[float] = None, layout_of: Optional[LayoutOf] = None):
+    def __init__(self, layer: AttentionSink, scale: Optional[float] = None, layout_of: Optional[LayoutOf] = None,
+                 qk_norm: bool = True):
         self.layer = layer
         self.scale = scale
         self.layout_of = layout_of
+        self.qk_norm = qk_norm
 
     def __call__(
         self,
@@ -150,7 +154,7 @@ class I2AMAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layer.name)
-        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=self.qk_norm)
         layout = _layout(p) if self.layout_of is None else self.layout_of(p.query, p.key, _input_grid(p))
         out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=layout)
         return finish(attn, merge_heads(out, p.query.dtype), p)

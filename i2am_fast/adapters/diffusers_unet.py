@@ -48,11 +48,12 @@ DEFAULT_VAE_SCALE_FACTOR = 8
 TRACED_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0", "AttnAddedKVProcessor2_0",
                      "AttnAddedKVProcessor")
 # Processors that compute the same attention as a traced one, in another way (memory-efficient
-# kernels, slices): setting the traced one first changes nothing the model computes.
+# kernels, slices), with the same scale (``attn.scale`` or SDPA's default) and the same norms:
+# setting the traced one first changes nothing the model computes.
 SAME_ATTENTION_AS = {
-    "XFormersAttnProcessor": "AttnProcessor2_0", "SlicedAttnProcessor": "AttnProcessor2_0",
-    "AttnProcessorNPU": "AttnProcessor2_0", "XFormersAttnAddedKVProcessor": "AttnAddedKVProcessor2_0",
-    "SlicedAttnAddedKVProcessor": "AttnAddedKVProcessor2_0",
+    "XFormersAttnProcessor": "AttnProcessor", "SlicedAttnProcessor": "AttnProcessor",
+    "AttnProcessorNPU": "AttnProcessor2_0", "XFormersAttnAddedKVProcessor": "AttnAddedKVProcessor",
+    "SlicedAttnAddedKVProcessor": "AttnAddedKVProcessor",
 }
 
 
@@ -217,6 +218,7 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         module, original = site.module, site.module.processor
         scale = module.scale if type(original) in (AttnProcessor, AttnAddedKVProcessor) else None
+        qk_norm = type(original) is not AttnProcessor  # the legacy processor applies no norm_q / norm_k
         if self.options.self_attention:
             if not self._hooked and self.options.layout == "appended":
                 self._hooked = True
@@ -224,7 +226,7 @@ class DiffusersUNetAdapter(ModelAdapter):
             (sink,) = sinks
             layout_of = self._layout_of(site.name)
             if type(original) in (AttnProcessor2_0, AttnProcessor):
-                processor = I2AMAttnProcessor(sink, scale=scale, layout_of=layout_of)
+                processor = I2AMAttnProcessor(sink, scale=scale, layout_of=layout_of, qk_norm=qk_norm)
             else:
                 processor = I2AMInterceptingProcessor(original, sink, layout_of)
             self.remember(lambda: module.set_processor(original))
@@ -238,13 +240,13 @@ class DiffusersUNetAdapter(ModelAdapter):
                 self._hooked = True
                 self.remember(lambda: setattr(self, "_hooked", False))
                 self.i2vgen.install(self.remember)
-            processor = I2AMSourcesAttnProcessor(sinks, self.i2vgen.layouts, scale=scale)
+            processor = I2AMSourcesAttnProcessor(sinks, self.i2vgen.layouts, scale=scale, qk_norm=qk_norm)
         elif kind == "added_kv":
             (sink,) = sinks
             processor = I2AMAddedKVAttnProcessor(sink, scale=scale, source=self._added_tokens_source())
         else:
             (sink,) = sinks
-            processor = I2AMAttnProcessor(sink, scale=scale)
+            processor = I2AMAttnProcessor(sink, scale=scale, qk_norm=qk_norm)
         self.remember(lambda: module.set_processor(original))
         module.set_processor(processor)
 

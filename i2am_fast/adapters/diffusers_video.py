@@ -135,12 +135,16 @@ class I2AMSourcesAttnProcessor:
     layer with that source's layout (each computes the same output; one is used).
 
     ``layouts_of(layer_name, num_keys, query_grid)``: one layout per sink, in order.
+    ``qk_norm``: apply ``attn.norm_q`` / ``norm_k`` (``AttnProcessor2_0`` does, ``AttnProcessor``
+    does not).
     """
 
-    def __init__(self, layers: Sequence[AttentionSink], layouts_of, scale: Optional[float] = None):
+    def __init__(self, layers: Sequence[AttentionSink], layouts_of, scale: Optional[float] = None,
+                 qk_norm: bool = True):
         self.layers = list(layers)
         self.layouts_of = layouts_of
         self.scale = scale
+        self.qk_norm = qk_norm
 
     def __call__(
         self,
@@ -153,7 +157,7 @@ class I2AMSourcesAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layers[0].name)
-        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=self.qk_norm)
         query_grid = None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
         layouts = self.layouts_of(self.layers[0].name, p.key.shape[2], query_grid)
         out = None
