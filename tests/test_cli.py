@@ -111,8 +111,10 @@ def test_existing_output_folder_is_refused_without_overwrite(demo_dir, tmp_path)
     (out / "keep.txt").write_text("x")
     with pytest.raises(SystemExit, match="--overwrite"):
         main(["show", os.path.join(demo_dir, "maps.safetensors"), "--out", str(out)])
-    main(["show", os.path.join(demo_dir, "maps.safetensors"), "--out", str(out), "--overwrite"])
-    assert not (out / "keep.txt").exists()
+    # --overwrite replaces only what i2am-fast wrote (tests/test_hostile_cli.py has the rest)
+    with pytest.raises(SystemExit, match="not written by i2am-fast"):
+        main(["show", os.path.join(demo_dir, "maps.safetensors"), "--out", str(out), "--overwrite"])
+    assert (out / "keep.txt").read_text() == "x"
 
 
 @pytest.mark.parametrize(

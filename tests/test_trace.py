@@ -463,7 +463,7 @@ def soft_mask(h, w):
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     cfg: str = "cond"
-    time_groups: Optional[int] = None  # None: trace's default (5)
+    time_groups: Optional[int] = None  # None: the trace's default, min(5, steps)
     probes: tuple = ()
     mask: Optional[str] = None  # None | "latent" | "image"
     cfg_layout: Optional[str] = None  # passed only when set (systems may add their own)
@@ -551,7 +551,7 @@ def traced_case(name, scenario):
     maps = tracer.maps()
     mask = scenario_mask(system, scenario)
     expected = ExpectedMaps(
-        system, records, cfg=scenario.cfg, time_groups=scenario.time_groups or 5, probes=scenario.probes,
+        system, records, cfg=scenario.cfg, time_groups=scenario.time_groups or min(5, system.num_steps), probes=scenario.probes,
         inpaint_mask=mask, cfg_layout=scenario.cfg_layout,
     )
     return system, maps, out, baseline, expected

@@ -30,7 +30,6 @@ from pipeline_capture import accumulate_maps, attention_swap_deviation, capture,
 
 NAMES = list(systems_unet.BUILDERS)
 MAP_RTOL = 1e-4
-TIME_GROUPS = 5  # trace's default
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,7 +102,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def test_traced_output_equals_the_untraced_one(name):
     system, base, deviation, traced, _, _ = traced_run(name)
     err = float((traced - base).abs().max())
-    assert err <= output_tolerance(deviation), f"{name}: |traced - untraced| = {err:.3g}, swap deviation {deviation:.3g}"
+    assert err <= output_tolerance(deviation), \
+        f"{name}: |traced - untraced| = {err:.3g}, swap deviation {deviation:.3g}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,8 +128,8 @@ def test_maps_match_float64_from_the_captured_calls(name):
             assert info.token_list or len(keys) == 1, f"{name} {layer}: {len(keys)} non-spatial tokens read as a grid"
         else:
             assert (info.reference_grid, info.token_list) == (run.grid, False), f"{name} {layer}: {info}"
-        expected = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=TIME_GROUPS)
-        for tau in range(TIME_GROUPS):
+        expected = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=maps.time_groups)
+        for tau in range(maps.time_groups):
             for image in range(len(cond)):
                 for head in range(call.q.shape[1]):
                     read = dict(layer=layer, time_group=tau, image=image, head=head, normalize=False)
@@ -207,7 +207,7 @@ def test_each_reference_source_reads_on_its_own(name, sources):
         per_layer = []
         for site, call, layer, layer_source, keys, run in site_layers(system, cap):
             if (layer_source or "image") == source:
-                exp = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=TIME_GROUPS)
+                exp = accumulate_maps(cap, site.module, site.part, batch=cond, keys=keys, time_groups=maps.time_groups)
                 per_layer.append(exp["reference"].sum(0)[0].mean(0))  # image 0, mean over heads
         read = maps.reference(source=source, normalize=False)
         assert tuple(read.shape) == grid
@@ -231,7 +231,7 @@ def test_video_guidance_halves_both_give_every_frame_of_each_half(name):
     assert maps.image_entries == [f"{half}[0].frame[{f}]" for half in ("uncond", "cond") for f in range(frames)]
     entries = system.batch.spatial_entries("uncond") + system.batch.spatial_entries("cond")
     site, call, layer, _, keys, _ = next(iter(site_layers(system, cap)))
-    expected = accumulate_maps(cap, site.module, site.part, batch=entries, keys=keys, time_groups=TIME_GROUPS)
+    expected = accumulate_maps(cap, site.module, site.part, batch=entries, keys=keys, time_groups=maps.time_groups)
     for image in range(len(entries)):
         read = maps.generated(layer=layer, image=image, head=0, normalize=False).flatten().double()
         close(read, expected["generated"].sum(0)[image, 0], f"{name} {layer} image={image}")

@@ -150,7 +150,8 @@ class ModelCall:
     schedule's timesteps (None when the call has none). ``latent_grid``: the latent ``(h, w)``
     the generated tokens come from (None when the call does not show it). ``guidance``: the
     adapter's reading of the halves (used with the trace's ``cfg_layout="auto"``).
-    ``describe``: how to name the input in an error message.
+    ``describe``: how to name the input in an error message. ``timestep_dtype``: the dtype
+    the timestep was passed in, when it was a tensor (matching allows for its rounding).
     """
 
     batch: int
@@ -158,6 +159,7 @@ class ModelCall:
     latent_grid: Optional[Grid]
     guidance: Guidance
     describe: str = "the input"
+    timestep_dtype: Optional[torch.dtype] = None  # the dtype the timestep came in (its rounding)
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,15 @@ class ModelAdapter(abc.ABC):
         """The schedule's timesteps as they stand now (a pipeline sets them inside its call),
         or None when the target has no schedule."""
         return None
+
+    def schedule_position(self) -> Optional[int]:
+        """The scheduler's own index into :meth:`timesteps` for the call in progress, when it
+        keeps one (None: the core matches the call's timestep instead)."""
+        return None
+
+    def schedule_order(self) -> int:
+        """Model evaluations per denoising step (2 for Heun and DPM2)."""
+        return 1
 
     @property
     def has_schedule(self) -> bool:

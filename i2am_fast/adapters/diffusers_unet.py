@@ -12,6 +12,8 @@
   share the softmax with the layer's own tokens, :mod:`.diffusers_added_kv`). I2VGen-XL's
   cross-attention holds two reference sources in one softmax with the text (one traced layer
   each, ``<name>.image`` and ``<name>.image_clip``; :mod:`.diffusers_video`).
+- **Names**: module names relative to the denoiser, without the ``_orig_mod.`` that
+  ``torch.compile`` inserts.
 - **Interception**: a processor swap (``set_processor``), undone on restore.
 - **Self-attention layouts** (``trace(..., layout="appended" | "stacked-height" |
   "stacked-width" | callable)``, :mod:`.layouts`): the sites are the ``attn1`` self-attention
@@ -122,6 +124,14 @@ class DiffusersUNetAdapter(ModelAdapter):
     def timesteps(self):
         return None if self.scheduler is None else getattr(self.scheduler, "timesteps", None)
 
+    def schedule_position(self):
+        index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
+        return index if isinstance(index, int) else None
+
+    def schedule_order(self) -> int:
+        order = getattr(self.scheduler, "order", 1) if self.scheduler is not None else 1
+        return order if isinstance(order, int) and order >= 1 else 1
+
     @property
     def has_schedule(self) -> bool:
         return self.scheduler is not None
@@ -143,12 +153,14 @@ class DiffusersUNetAdapter(ModelAdapter):
 
         temporal, inside_projection = self._never_traced()
         chosen, left_out = [], []
-        for name, module in self.root.named_modules():
-            if not (isinstance(module, Attention) and module.is_cross_attention) or name in inside_projection:
+        for raw_name, module in self.root.named_modules():
+            # torch.compile wraps a module as `_orig_mod`: the layer keeps its own name.
+            name = ".".join(part for part in raw_name.split(".") if part != "_orig_mod")
+            if not (isinstance(module, Attention) and module.is_cross_attention) or raw_name in inside_projection:
                 continue
             if not self.options.keeps(name, module):
                 continue
-            if name in temporal:
+            if raw_name in temporal:
                 left_out.append(name)
                 continue
             kind = _processor_kind(module.processor)
@@ -262,7 +274,9 @@ class DiffusersUNetAdapter(ModelAdapter):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if not isinstance(sample, torch.Tensor):
             raise ValueError(f"the traced {type(self.root).__name__} was called without a sample tensor (first argument).")
+        dtype = None
         if isinstance(timestep, torch.Tensor):
+            dtype = timestep.dtype
             timestep = timestep.flatten()[0].item()
         elif timestep is not None:
             timestep = float(timestep)
@@ -273,7 +287,7 @@ class DiffusersUNetAdapter(ModelAdapter):
         if grid is not None and self.options.layout in ("stacked-height", "stacked-width"):
             grid = generated_latent_grid(self.options.layout, grid)
         return ModelCall(int(sample.shape[0]) * frames, timestep, grid, self._guidance(sample, axes, frames),
-                         describe=f"a sample of shape {list(sample.shape)}")
+                         describe=f"a sample of shape {list(sample.shape)}", timestep_dtype=dtype)
 
     def _noisy_latents(self, sample: torch.Tensor, axes: SampleAxes) -> torch.Tensor:
         config = getattr(self.root, "config", None)

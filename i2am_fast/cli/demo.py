@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..api import trace
-from .common import Progress, add_run_arguments, device_of, prepare_out_dir, probe_points, summary
+from .common import Progress, add_run_arguments, device_of, probe_points, summary
+from .outdir import OutputFolder
 
 
 def add_parser(sub) -> None:
@@ -23,17 +26,33 @@ def add_parser(sub) -> None:
     demo.set_defaults(func=main)
 
 
-def main(args) -> None:
+def load_demo_model(weights, seed: int, pretrained: bool = True):
+    """The demo model, or a one-line error naming the weights file and what is wrong with it."""
     from ..demo.model import build_demo_model
+
+    if weights is not None:
+        if os.path.isdir(weights):
+            raise SystemExit(f"error: --weights {weights} is a folder; pass a .safetensors checkpoint file.")
+        if not os.path.isfile(weights):
+            raise SystemExit(f"error: --weights {weights} does not exist.")
+    try:
+        return build_demo_model(seed=seed, weights=weights, pretrained=pretrained)
+    except ValueError as e:
+        raise SystemExit(f"error: --weights {weights}: {e}")
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a file it cannot parse)
+        raise SystemExit(f"error: --weights {weights} is not a demo-model checkpoint (.safetensors): {e}")
+
+
+def main(args) -> None:
     from ..demo.sample import make_sample
     from ..readout.report import write_outputs
 
     device = device_of(args.device)
-    model = build_demo_model(seed=args.seed, weights=args.weights, pretrained=not args.untrained)
+    model = load_demo_model(args.weights, args.seed, pretrained=not args.untrained)
     factor = model.vae_scale_factor * 2 ** (len(model.config.block_out_channels) - 1)
     if args.height % model.vae_scale_factor or args.width % model.vae_scale_factor or args.height < factor or args.width < factor:
         raise SystemExit(f"error: --height and --width must be multiples of {model.vae_scale_factor} and at least {factor}.")
-    prepare_out_dir(args.out, args.overwrite)
+    out = OutputFolder(args.out, args.overwrite, inputs=[args.weights or ""])
     model.to(device)
     sample = make_sample(args.sample, (args.height, args.width))
     latent_mask = torch.nn.functional.avg_pool2d(sample["inpaint_mask"][None, None], model.vae_scale_factor)[0, 0]
@@ -50,5 +69,7 @@ def main(args) -> None:
     notes = [f"Model: the paper's custom architecture at small scale, {model.weights_source}.",
              f"Sample {args.sample} of the procedural try-on set, {args.height}x{args.width}; {args.steps} guided DDIM steps "
              f"(guidance {args.guidance}, seed {args.seed}); maps for the conditional half."]
-    written = write_outputs(maps, args.out, images, title="i2am-fast demo", notes=notes, progress=Progress("pictures and report"))
+    with out.staging() as stage:
+        written = write_outputs(maps, stage, images, title="i2am-fast demo", notes=notes,
+                                progress=Progress("pictures and report"))
     summary(args.out, written)

@@ -39,6 +39,10 @@ def main(args) -> None:
             raise SystemExit(f"error: checkpoint {item} does not exist.")
     if not paths:
         raise SystemExit("error: no .safetensors checkpoints found in " + ", ".join(args.checkpoints) + ".")
+    from .demo import load_demo_model
+
+    for path in paths:  # every checkpoint is checked before the first one is evaluated
+        load_demo_model(path, seed=0)
     results = []
     for path in paths:
         results.append(evaluate_checkpoint(path, samples=args.samples, steps=args.steps, guidance_scale=args.guidance,

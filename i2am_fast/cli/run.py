@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from ..api import trace
-from .common import Progress, add_run_arguments, device_of, prepare_out_dir, probe_points, summary
+from .common import Progress, add_run_arguments, device_of, mask_note, probe_points, summary
+from .inputs import DEFAULT_MAX_PIXELS, read_image, read_mask, resize_mask, to_tensor
+from .outdir import OutputFolder
 
 
 def add_parser(sub) -> None:
@@ -19,38 +22,15 @@ def add_parser(sub) -> None:
     run.add_argument("--mask", required=True, help="single-channel mask of the image's size, white = the region to fill")
     run.add_argument("--reference", required=True, help="the reference (exemplar) image")
     run.add_argument("--reference-mask", default=None, help="single-channel mask of the reference object (for IMACS_r)")
-    run.add_argument("--height", type=int, default=512, help="generation height (default: 512)")
-    run.add_argument("--width", type=int, default=512, help="generation width (default: 512)")
+    run.add_argument("--height", type=int, default=None,
+                     help="generation height; the image and mask are resized to it (default: the image's, "
+                          "rounded down to a multiple of the VAE factor)")
+    run.add_argument("--width", type=int, default=None, help="generation width (default: the image's, likewise)")
+    run.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"refuse input images with more pixels than this (default: {DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
     add_run_arguments(run, steps=50)
     run.set_defaults(func=main)
-
-
-def _read_image(path: str, name: str, mode: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {name} {path} does not exist.")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"error: {name} {path} is not a readable image ({e}).")
-    if mode == "mask":
-        if img.mode not in ("L", "1", "I", "I;16", "F"):
-            raise SystemExit(f"error: {name} {path} has mode {img.mode}, not a single-channel mask; "
-                             f"save it as greyscale (e.g. Image.open(p).convert('L').save(p)), white = the region.")
-        return img.convert("L")
-    return img.convert("RGB")
-
-
-def _to_tensor(img, size) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    img = img.resize((size[1], size[0]), Image.NEAREST if img.mode == "L" else Image.BICUBIC)
-    a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return a if a.dim() == 2 else a.permute(2, 0, 1)
 
 
 def _load_paint_by_example(folder: str):
@@ -95,46 +75,78 @@ def _load_paint_by_example(folder: str):
         raise SystemExit(f"error: could not load the Paint-by-Example pipeline in {folder}: {e}")
 
 
+# Pictures kept with the maps are at most this many pixels on their long side.
+STORED_SIDE = 1024
+
+
+def _bounded(size: tuple[int, int], side: int = STORED_SIDE) -> tuple[int, int]:
+    h, w = size
+    scale = min(1.0, side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _generation_size(args, image_size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(height, width): the given ones, or the image's rounded down to a multiple of ``factor``."""
+    h, w = image_size
+    height = args.height if args.height is not None else h // factor * factor
+    width = args.width if args.width is not None else w // factor * factor
+    if height < factor or width < factor or height % factor or width % factor:
+        raise SystemExit(f"error: the generation size {height}x{width} must be a multiple of {factor} and at least "
+                         f"{factor} on each side; pass --height and --width.")
+    return height, width
+
+
 def main(args) -> None:
+    from PIL import Image
+
     from ..readout.report import write_outputs
 
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         raise SystemExit(f"error: {args.pipeline} is not a diffusers pipeline folder (no model_index.json); "
                          "pass the folder written by pipeline.save_pretrained().")
-    image = _read_image(args.image, "--image", "rgb")
-    mask = _read_image(args.mask, "--mask", "mask")
-    reference = _read_image(args.reference, "--reference", "rgb")
-    reference_mask = _read_image(args.reference_mask, "--reference-mask", "mask") if args.reference_mask else None
-    if mask.size != image.size:
-        raise SystemExit(f"error: --mask is {mask.size[0]}x{mask.size[1]} but --image is {image.size[0]}x{image.size[1]}; "
+    image = read_image(args.image, "--image", args.max_pixels)
+    mask = read_mask(args.mask, "--mask", args.max_pixels)
+    reference = read_image(args.reference, "--reference", args.max_pixels)
+    reference_mask = read_mask(args.reference_mask, "--reference-mask", args.max_pixels) if args.reference_mask else None
+    if mask.shape != (image.height, image.width):
+        raise SystemExit(f"error: --mask is {mask.shape[1]}x{mask.shape[0]} but --image is {image.width}x{image.height}; "
                          "resize the mask to the image's size.")
-    if reference_mask is not None and reference_mask.size != reference.size:
-        raise SystemExit(f"error: --reference-mask is {reference_mask.size[0]}x{reference_mask.size[1]} but --reference is "
-                         f"{reference.size[0]}x{reference.size[1]}; resize the mask to the reference's size.")
+    if reference_mask is not None and reference_mask.shape != (reference.height, reference.width):
+        raise SystemExit(f"error: --reference-mask is {reference_mask.shape[1]}x{reference_mask.shape[0]} but --reference "
+                         f"is {reference.width}x{reference.height}; resize the mask to the reference's size.")
     device = device_of(args.device)
-
+    factor = 8  # Paint-by-Example's VAE; checked against the loaded pipeline below
+    height, width = _generation_size(args, (image.height, image.width), factor)
+    mask_t = resize_mask(mask, (height, width))
+    ref_size = _bounded((reference.height, reference.width))
+    ref_mask_t = None if reference_mask is None else resize_mask(reference_mask, ref_size)
+    for note in (mask_note(mask_t, "--mask", "IMACS_g"), None if ref_mask_t is None else mask_note(ref_mask_t, "--reference-mask", "IMACS_r")):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    out = OutputFolder(args.out, args.overwrite, inputs=[args.pipeline, args.image, args.mask, args.reference,
+                                                         args.reference_mask or ""])
     pipe = _load_paint_by_example(args.pipeline)
+    if pipe.vae_scale_factor != factor:
+        raise SystemExit(f"error: {args.pipeline} has a VAE scale factor of {pipe.vae_scale_factor}, not {factor}.")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    height, width = args.height, args.width
-    factor = pipe.vae_scale_factor
-    if height % factor or width % factor:
-        raise SystemExit(f"error: --height and --width must be multiples of {factor}.")
-    mask_t = _to_tensor(mask, (height, width))
-    mask_t = (mask_t > 0.5).float()
     latent_mask = torch.nn.functional.avg_pool2d(mask_t[None, None], factor)[0, 0]
-    prepare_out_dir(args.out, args.overwrite)
+    image_in = image.resize((width, height), Image.BICUBIC) if image.size != (width, height) else image
+    mask_in = Image.fromarray((mask_t.numpy() * 255).astype("uint8"), "L")
     progress = Progress("denoising (traced)")
     callback = lambda i, t, latents: progress(i + 1, args.steps)  # noqa: E731
     with trace(pipe, time_groups=args.time_groups, probes=probe_points(latent_mask), inpaint_mask=mask_t) as tracer:
-        result = pipe(example_image=reference, image=image, mask_image=mask, height=height, width=width,
+        result = pipe(example_image=reference, image=image_in, mask_image=mask_in, height=height, width=width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=torch.Generator().manual_seed(args.seed), callback=callback, callback_steps=1).images[0]
     maps = tracer.maps()
-    images = {"generated": _to_tensor(result, (height, width)), "person": _to_tensor(image, (height, width)),
-              "inpaint_mask": mask_t, "garment": _to_tensor(reference, (reference.size[1], reference.size[0]))}
-    if reference_mask is not None:
-        images["garment_mask"] = (_to_tensor(reference_mask, (reference.size[1], reference.size[0])) > 0.5).float()
-    notes = [f"Pipeline {os.path.abspath(args.pipeline)} ({type(pipe).__name__}), {args.steps} steps, guidance {args.guidance}, seed {args.seed}."]
-    written = write_outputs(maps, args.out, images, title="i2am-fast run", notes=notes, progress=Progress("pictures and report"))
+    images = {"generated": to_tensor(result, (height, width)), "person": to_tensor(image_in, (height, width)),
+              "inpaint_mask": mask_t, "garment": to_tensor(reference, ref_size)}
+    if ref_mask_t is not None:
+        images["garment_mask"] = ref_mask_t
+    notes = [f"Pipeline {os.path.abspath(args.pipeline)} ({type(pipe).__name__}), {height}x{width}, {args.steps} steps, "
+             f"guidance {args.guidance}, seed {args.seed}."]
+    with out.staging() as stage:
+        written = write_outputs(maps, stage, images, title="i2am-fast run", notes=notes,
+                                progress=Progress("pictures and report"))
     summary(args.out, written)

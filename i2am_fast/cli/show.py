@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .common import Progress, prepare_out_dir, summary
+from .common import Progress, summary
+from .outdir import OutputFolder
 
 
 def add_parser(sub) -> None:
@@ -21,13 +22,18 @@ def main(args) -> None:
     from ..readout.maps import AttributionMaps
     from ..readout.report import write_outputs
 
+    if os.path.isdir(args.maps):
+        raise SystemExit(f"error: {args.maps} is a folder; pass a maps.safetensors file.")
     if not os.path.isfile(args.maps):
         raise SystemExit(f"error: {args.maps} does not exist.")
     try:
         maps = AttributionMaps.load(args.maps)
+    except ValueError as e:  # names the file and the field
+        raise SystemExit(f"error: {e}")
     except Exception as e:  # noqa: BLE001
         raise SystemExit(f"error: {args.maps} is not an i2am_fast maps file: {e}")
-    prepare_out_dir(args.out, args.overwrite)
-    written = write_outputs(maps, args.out, maps.images, title="i2am-fast show", notes=[f"Maps read from {args.maps}."],
-                            progress=Progress("pictures and report"))
+    out = OutputFolder(args.out, args.overwrite, inputs=[args.maps])
+    with out.staging() as stage:
+        written = write_outputs(maps, stage, maps.images, title="i2am-fast show", notes=[f"Maps read from {args.maps}."],
+                                progress=Progress("pictures and report"))
     summary(args.out, written)

@@ -46,12 +46,15 @@ def cmd_evaluate_dataset(args) -> None:
             steps = getattr(args, "steps", 50)
             build = pipeline_system(args.pipeline, steps=steps, guidance=guidance, size=size or (512, 384))
             model = f"Paint-by-Example pipeline {os.path.abspath(args.pipeline)}"
+        time_groups = args.time_groups if args.time_groups is not None else min(5, steps)
+        if time_groups > steps:
+            raise SystemExit(f"error: --time-groups {time_groups} exceeds the {steps} steps; a time group holds at least one step.")
         settings = {"model": model, "steps": steps, "guidance": guidance, "size": list(size) if size else "native",
-                    "time_groups": args.time_groups}
+                    "time_groups": time_groups}
         summary = evaluate_dataset(build, data=args.data, layout=args.layout, out=args.out, pairs=args.pairs,
                                    categories=args.category, limit=args.limit, seed=args.seed, full_maps=args.full_maps,
                                    retry_errors=args.retry_errors, device=args.device, settings=settings,
-                                   time_groups=args.time_groups)
+                                   time_groups=time_groups)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     if summary is None:  # not rank 0
@@ -105,7 +108,7 @@ def add_dataset_commands(sub) -> None:
     ev.add_argument("--height", type=int, default=argparse.SUPPRESS, help="generation height (default: 128 demo model, 512 pipeline)")
     ev.add_argument("--width", type=int, default=argparse.SUPPRESS, help="generation width (default: 96 demo model, 384 pipeline)")
     ev.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
-    ev.add_argument("--time-groups", type=int, default=5, help="time groups of the maps (default: 5)")
+    ev.add_argument("--time-groups", type=int, default=None, help="time groups of the maps, at most the steps (default: 5, or the steps if fewer)")
     ev.add_argument("--seed", type=int, default=0, help="base seed; each pair's seed also depends on its id (default: 0)")
     ev.add_argument("--weights", default=None, help="demo model: a checkpoint instead of the shipped weights")
     ev.add_argument("--full-maps", action="store_true",

@@ -209,6 +209,18 @@ def _tensor(img, size, nearest: bool) -> torch.Tensor:
     return a.permute(2, 0, 1) / 255.0 if a.dim() == 3 else a
 
 
+def _mask_image(img):
+    """An 8-bit greyscale copy of a mask of any single-channel mode (16-bit and float masks
+    scaled, not clipped: see :func:`~i2am_fast.readout.pictures.mask_values`)."""
+    from PIL import Image
+
+    from ..readout.pictures import MASK_MODES, mask_values
+
+    if img.mode not in MASK_MODES:
+        return img.convert("L")
+    return Image.fromarray((mask_values(img) * 255 + 0.5).astype(np.uint8), "L")
+
+
 def as_image(t: torch.Tensor):
     """A PIL image from ``[3, H, W]`` (RGB) or ``[H, W]`` (greyscale) values in [0, 1]."""
     from PIL import Image
@@ -250,10 +262,10 @@ def load_pair(pair: Pair, size: Sequence[int], seed: int) -> PairInputs:
     if pair.layout == "viton-hd":
         mask_img = _open(pair.mask, "agnostic mask")
         _same_size(mask_img, person_img, "agnostic mask", pair.mask, "person image")
-        mask = (_tensor(mask_img.convert("L"), size, True) > 127).float()
+        mask = (_tensor(_mask_image(mask_img), size, True) > 127).float()
         gmask_img = _open(pair.garment_mask, "garment mask")
         _same_size(gmask_img, garment_img, "garment mask", pair.garment_mask, "garment image")
-        garment_mask = (_tensor(gmask_img.convert("L"), size, True) > 127).float()
+        garment_mask = (_tensor(_mask_image(gmask_img), size, True) > 127).float()
     else:
         full = _tensor(labels_img if labels_img.mode == "P" else labels_img.convert("L"), (person_img.height, person_img.width), True)
         wanted = torch.tensor([DRESSCODE_LABELS[c] for c in DRESSCODE_MASK_CLASSES[pair.category]])

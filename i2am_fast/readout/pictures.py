@@ -3,7 +3,10 @@
 - :func:`heatmap`: a map in [0, 1] through a jet-like colour table, optionally upscaled;
 - :func:`overlay`: the heat map blended over an image, optionally thresholded (eq. 9);
 - :func:`draw_box`: a rectangle, e.g. the probed latent cell of a specific-reference map;
-- :func:`contact_sheet`: labelled tiles in a grid with a title (figures 5-8).
+- :func:`contact_sheet`: labelled tiles in a grid with a title (figures 5-8);
+- :func:`mask_values`: a mask of any single-channel PIL mode as values in [0, 1]: ``1`` and
+  ``L`` (8 bits), ``I;16*`` and ``I`` (16 bits, as PNG stores them), ``F`` (floats in [0, 1],
+  or in [0, 255]).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .resize import normalize_map, resize_map
 
-__all__ = ["JET", "contact_sheet", "draw_box", "heatmap", "overlay", "to_pil"]
+# Single-channel PIL modes a mask may have.
+MASK_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+__all__ = ["JET", "MASK_MODES", "mask_values", "contact_sheet", "draw_box", "heatmap", "overlay", "to_pil"]
 
 
 def _jet_table(n: int = 256) -> np.ndarray:
@@ -129,3 +135,23 @@ def contact_sheet(tiles: Sequence[Image.Image], labels: Sequence[str], *, column
         sheet.paste(tile if tile.size == (w, h) else tile.resize((w, h), Image.BICUBIC), (x, y))
         draw.text((x + 2, y + h + 2), label, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def mask_values(img) -> np.ndarray:
+    """A single-channel PIL image as float32 ``[H, W]`` values in [0, 1]."""
+    mode = img.mode
+    if mode == "1":
+        return np.asarray(img, dtype=np.float32)
+    a = np.asarray(img).astype(np.float64)
+    if mode == "L":
+        a = a / 255.0
+    elif mode.startswith("I"):
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"a 32-bit integer mask with values in [{a.min():g}, {a.max():g}]; save it as 8 or 16 bits")
+        a = a / 65535.0
+    elif mode == "F":
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 255:
+            raise ValueError("a float mask with values outside [0, 1] (or [0, 255])")
+        if a.max() > 1.0:
+            a = a / 255.0
+    return a.astype(np.float32)

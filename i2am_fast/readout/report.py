@@ -139,10 +139,7 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
 
     scores = None
     if "inpaint_mask" in images:
-        ref_args = {}
-        if "garment_mask" in images:
-            ref_args = dict(reference_map=r_all, reference_mask=images["garment_mask"])
-        scores = imacs(g_all, images["inpaint_mask"], lam=lam, threshold=threshold, **ref_args)
+        scores = _scores(g_all, r_all, images, lam, threshold)
         path = os.path.join(out_dir, "imacs.json")
         with open(path, "w") as f:
             json.dump(scores, f, indent=2)
@@ -158,6 +155,26 @@ def write_outputs(maps: AttributionMaps, out_dir: str, images: Optional[dict] = 
     written["report.html"] = report_path
     tick(7)
     return written
+
+
+def _scores(g_all, r_all, images: dict, lam: float, threshold: float) -> dict:
+    """IMACS as :func:`~i2am_fast.readout.imacs.imacs` returns it; a score whose mask is empty
+    or full is None, with the reason under ``"undefined"`` (the maps are written all the same)."""
+    scores = {"imacs_g": None, "imacs_r": None, "parts": {}, "lambda": lam, "threshold": threshold, "undefined": {}}
+    pairs = {"g": (g_all, images["inpaint_mask"], "inpaint_mask")}
+    if "garment_mask" in images:
+        pairs["r"] = (r_all, images["garment_mask"], "garment_mask")
+    for key, (attribution, mask, name) in pairs.items():
+        try:
+            one = imacs(attribution, mask, lam=lam, threshold=threshold)
+        except ValueError as e:
+            scores["undefined"][key] = str(e).replace("inpaint_mask", name)
+            continue
+        scores[f"imacs_{key}"] = one["imacs_g"]
+        scores["parts"][key] = one["parts"]["g"]
+    if not scores["undefined"]:
+        del scores["undefined"]
+    return scores
 
 
 def _write_sources(maps: AttributionMaps, sources: list, save, gen_size, generated_base, threshold) -> None:
@@ -222,6 +239,10 @@ def _report_html(maps: AttributionMaps, written: dict, scores: Optional[dict], t
         parts.append("<h2>IMACS (eq. 18)</h2><table><tr><th></th><th>score</th><th>mean inside</th><th>mean outside</th></tr>")
         for key, label in (("g", "IMACS_g (generated map vs inpainting mask)"), ("r", "IMACS_r (reference map vs garment mask)")):
             score = scores.get(f"imacs_{key}")
+            reason = scores.get("undefined", {}).get(key)
+            if reason is not None:
+                parts.append(f"<tr><td style='text-align:left'>{label}</td><td colspan='3' style='text-align:left'>"
+                             f"undefined: {html.escape(reason)}</td></tr>")
             if score is None:
                 continue
             part = scores["parts"][key]

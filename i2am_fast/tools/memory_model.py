@@ -73,7 +73,7 @@ def cross_attention_layers(config: dict, height: int, width: int, conditioning: 
         hl, wl = grids[level]
         nq = hl * wl
         nk = {"cls": 1, "patch": 257, "spatial": nq}[conditioning]
-        hd = heads or head_counts[level]
+        hd = heads if heads is not None else head_counts[level]
         return ProfileLayer(name, (hl, wl), nq, nk, hd, channels[level] // hd)
 
     out = []

@@ -21,12 +21,13 @@ Grid = tuple[int, int]
 
 @dataclass(frozen=True)
 class CallContext:
-    """One call of the traced model: its step and time group, the batch entries with maps
+    """One call of the traced model: its step and time group (of ``time_groups``), the batch entries with maps
     (``map_batch``, filling image slots ``[first_slot, first_slot + len(map_batch))`` of
     ``num_images``), the latent grid and the checked inpainting mask."""
 
     step: int
     time_group: int
+    time_groups: int
     map_batch: tuple[int, ...]
     first_slot: int
     num_images: int
@@ -58,9 +59,9 @@ class CurrentCall:
 class LayerContext:
     """What a traced layer needs from its trace: settings, the current call, an allocator.
 
-    ``zeros(shape, device)`` returns float32 zeros for the layer's state (see :mod:`.pool`)."""
+    ``zeros(shape, device)`` returns float32 zeros for the layer's state (see :mod:`.pool`).
+    The number of time groups comes with each call (it is known once the step count is)."""
 
-    time_groups: int
     probe_points: tuple[Grid, ...]
     reference_grid: ReferenceGrid
     current: CurrentCall

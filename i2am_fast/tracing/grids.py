@@ -28,6 +28,8 @@ Grid = tuple[int, int]
 def ceil_halvings(grid: Grid) -> Iterator[Grid]:
     """The latent grid and its successive halvings, rounding up, down to 1 x 1."""
     h, w = grid
+    if h < 1 or w < 1:
+        raise ValueError(f"the latent grid {tuple(grid)} has an empty side; pass latent_grid=(h, w) with h, w >= 1.")
     while True:
         yield h, w
         if h == 1 and w == 1:

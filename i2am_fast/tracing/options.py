@@ -10,10 +10,11 @@ import torch
 
 from ..adapters.layouts import BUILT_IN_LAYOUTS, LayoutFunction
 
-__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "LayerSelector", "Layout", "ReferenceGrid"]
+__all__ = ["TraceOptions", "CFG_CHOICES", "CFG_LAYOUTS", "DEFAULT_TIME_GROUPS", "LayerSelector", "Layout", "ReferenceGrid"]
 
 CFG_CHOICES = ("cond", "uncond", "both")
 CFG_LAYOUTS = ("auto", "doubled", "none", "separate")
+DEFAULT_TIME_GROUPS = 5
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[str, torch.nn.Module], bool]]
 ReferenceGrid = Union[None, Sequence[int], Callable[[str, int, tuple], Sequence[int]]]
@@ -26,6 +27,18 @@ def _positive_int(value, name: str, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
     return value
+
+
+def _grid(value, name: str) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an (h, w) pair of positive ints, got {value!r}.") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (h, w)):
+        raise ValueError(f"{name} must be an (h, w) pair of positive ints, got {value!r}.")
+    return int(h), int(w)
 
 
 def _point(p) -> tuple[int, int]:
@@ -66,6 +79,9 @@ class TraceOptions:
 
     Attributes:
         time_groups: number of time groups ``G``; step ``s`` of ``T`` belongs to ``floor(s G / T)``.
+            At most ``T`` (a group holds at least one step); default ``min(5, T)``. The state
+            takes ``4 G I H (Nq + Nk (1 + P))`` bytes per traced layer (``I`` images, ``H``
+            heads, ``P`` probes); ``Tracer.state_bytes`` reports it.
         num_steps: ``T``; defaults to the pipeline scheduler's length; required for a bare module.
         cfg: which guidance half gets maps: ``"cond"`` (default), ``"uncond"`` or ``"both"``
             (image index = unconditional images first, then conditional ones).
@@ -89,7 +105,7 @@ class TraceOptions:
             layers.
     """
 
-    time_groups: int = 5
+    time_groups: Optional[int] = None
     num_steps: Optional[int] = None
     cfg: str = "cond"
     layers: LayerSelector = None
@@ -102,8 +118,11 @@ class TraceOptions:
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
-        put("time_groups", _positive_int(self.time_groups, "time_groups"))
+        put("time_groups", _positive_int(self.time_groups, "time_groups", allow_none=True))
         put("num_steps", _positive_int(self.num_steps, "num_steps", allow_none=True))
+        if self.time_groups is not None and self.num_steps is not None and self.time_groups > self.num_steps:
+            raise ValueError(f"time_groups={self.time_groups} exceeds num_steps={self.num_steps}; a time group holds at "
+                             "least one step: pass time_groups <= num_steps.")
         if self.cfg not in CFG_CHOICES:
             raise ValueError(f"cfg must be one of {CFG_CHOICES}, got {self.cfg!r}.")
         if self.cfg_layout not in CFG_LAYOUTS:
@@ -113,13 +132,21 @@ class TraceOptions:
         put("layers", _selector(self.layers))
         if self.reference_grid is not None and not callable(self.reference_grid):
             put("reference_grid", tuple(self.reference_grid))
-        if self.latent_grid is not None:
-            put("latent_grid", (int(self.latent_grid[0]), int(self.latent_grid[1])))
+        put("latent_grid", _grid(self.latent_grid, "latent_grid"))
         if not callable(self.layout) and self.layout not in BUILT_IN_LAYOUTS:
             raise ValueError(
                 f"layout must be one of {BUILT_IN_LAYOUTS} or a callable (layer_name, q_shape, k_shape, call) -> "
                 f"TokenLayout, got {self.layout!r}."
             )
+
+    def groups_for(self, num_steps: int) -> int:
+        """The time groups of a run of ``num_steps`` steps (checked against it)."""
+        if self.time_groups is None:
+            return min(DEFAULT_TIME_GROUPS, num_steps)
+        if self.time_groups > num_steps:
+            raise ValueError(f"time_groups={self.time_groups} exceeds the run's {num_steps} steps; a time group holds at "
+                             f"least one step: pass time_groups <= {num_steps}.")
+        return self.time_groups
 
     @property
     def self_attention(self) -> bool:

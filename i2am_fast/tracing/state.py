@@ -151,7 +151,7 @@ class TracedLayer:
                               has_share=bool(layout.shared_softmax))
         self.layout, self._counts = layout, (num_queries, num_keys)
 
-        groups, images = ctx.time_groups, call.num_images
+        groups, images = call.time_groups, call.num_images
         self.generated = ctx.zeros((groups, images, heads, mapped_queries), q.device)
         self.reference = ctx.zeros((groups, images, heads, mapped_keys), q.device)
         if layout.shared_softmax:

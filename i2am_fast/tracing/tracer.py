@@ -10,6 +10,8 @@ layers read. On exit every interception is undone, also when the run raised.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from typing import Optional
 
 from ..adapters.base import ModelAdapter, ModelCall
@@ -24,6 +26,9 @@ from .state import TracedLayer
 __all__ = ["Tracer"]
 
 _ACTIVE_ATTR = "_i2am_fast_active_trace"
+# Claiming a model (check, then set its mark) is one step under this lock, so that two
+# threads cannot both trace one model.
+_CLAIM_LOCK = threading.Lock()
 
 
 class Tracer:
@@ -43,8 +48,9 @@ class Tracer:
             )
         self._sites = adapter.sites()
         self._current = CurrentCall(model_name)
-        self._steps = StepCounter(options.num_steps, adapter.timesteps, model_name)
-        self._context = LayerContext(options.time_groups, options.probes, options.reference_grid, self._current,
+        self._steps = StepCounter(options.num_steps, adapter.timesteps, model_name, adapter.schedule_position,
+                                  adapter.schedule_order)
+        self._context = LayerContext(options.probes, options.reference_grid, self._current,
                                      pool.zeros)
         self.latent_grid: Optional[tuple[int, int]] = options.latent_grid
         self._mask = None  # the inpainting mask, checked against the latent grid at the first call
@@ -53,11 +59,25 @@ class Tracer:
         self._image_entries: tuple[str, ...] = ()
         self._hook = None
         self._active = False
+        self._used = False  # a Tracer traces one `with` block
+        self._time_groups: Optional[int] = None  # known at the first call, once the step count is
+        self._groups_seen: set[int] = set()
+        self._guidance_kind: Optional[str] = None
+        self._calls = 0
+        self._last_step: Optional[int] = None
+        self._calls_of_last_step = 0
 
     # ------------------------------------------------------------- settings
     @property
-    def time_groups(self) -> int:
-        return self.options.time_groups
+    def time_groups(self) -> Optional[int]:
+        """G: as passed, or (by default) ``min(5, T)`` once the step count ``T`` is known."""
+        return self._time_groups if self._time_groups is not None else self.options.time_groups
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of float32 state held so far: ``4 G I H (Nq + Nk (1 + P))`` per traced layer."""
+        return sum(t.numel() * t.element_size() for layer in self._layers
+                   for t in (layer.generated, layer.reference, layer.probes) if t is not None)
 
     @property
     def cfg(self) -> str:
@@ -73,19 +93,24 @@ class Tracer:
 
     # ------------------------------------------------------------- context
     def __enter__(self) -> "Tracer":
-        if getattr(self.root, _ACTIVE_ATTR, False):
-            raise RuntimeError(
-                f"{type(self.root).__name__} is already being traced; nested traces on one model are not "
-                "supported. Read the maps of the outer trace instead."
-            )
+        if self._used:
+            raise RuntimeError("this Tracer has already traced a `with` block; call i2am_fast.trace(...) again for "
+                               "another run (each Tracer holds the maps of one block).")
+        with _CLAIM_LOCK:
+            if getattr(self.root, _ACTIVE_ATTR, False):
+                raise RuntimeError(
+                    f"{type(self.root).__name__} is already being traced; nested traces on one model are not "
+                    "supported. Read the maps of the outer trace instead."
+                )
+            setattr(self.root, _ACTIVE_ATTR, True)
+            self._active = True
+        self._used = True
         try:
             for site in self._sites:
                 layers = [TracedLayer(name, self._context) for name in site.layers]
                 self._layers.extend(layers)
                 self.adapter.install(site, layers)
             self._hook = self.root.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-            setattr(self.root, _ACTIVE_ATTR, True)
-            self._active = True
         except BaseException:
             self._restore()
             raise
@@ -93,6 +118,11 @@ class Tracer:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore()
+        if exc_type is None and self._time_groups is not None and any(layer.info for layer in self._layers):
+            empty = sorted(set(range(self._time_groups)) - self._groups_seen)
+            if empty:
+                warnings.warn(f"time groups {empty} of {self._time_groups} received no step: the run had fewer steps than "
+                              f"num_steps={self.num_steps}; pass the run's step count as num_steps.", stacklevel=2)
         return False
 
     def _restore(self) -> None:
@@ -113,17 +143,45 @@ class Tracer:
             self._mask = grids.checked_mask(self.options.inpaint_mask, latent_grid, self.vae_scale_factor)
         grids.check_probes(self.options.probes, latent_grid)
 
-        step = self._steps.advance(call.timestep)
+        step = self._steps.advance(call.timestep, call.timestep_dtype)
+        if self._time_groups is None:
+            self._time_groups = self.options.groups_for(self._steps.num_steps)
         guidance = guidance_of(call, self.options.cfg_layout, self.adapter.guidance_order)
+        self._check_guidance(guidance, step)
         entries = mapped_entries(guidance, self.options.cfg, call.batch, self._steps.calls_in_step)
         if self._num_images is None:
             self._num_images, self._image_entries = entries.num_images, entries.names
         elif entries.num_images != self._num_images:
+            if self.options.cfg_layout == "auto" and guidance.kind != self._guidance_kind:
+                raise ValueError(
+                    f"cfg_layout='auto' read the first call's batch as {self._guidance_kind!r} guidance (its two halves "
+                    f"were {'identical' if self._guidance_kind == 'doubled' else 'different'}) but this call's as "
+                    f"{guidance.kind!r}, which maps {entries.num_images} image(s) instead of {self._num_images}; pass "
+                    "cfg_layout='none' for a run without classifier-free guidance (e.g. several images from one start "
+                    "noise), or cfg_layout='doubled' for [uncond, cond] batches."
+                )
             raise ValueError(f"this call maps {entries.num_images} image(s) but the trace began with {self._num_images}.")
+        tau = time_group(step, self._time_groups, self._steps.num_steps)
+        if entries.map_batch:
+            self._groups_seen.add(tau)
+        self._calls += 1
         self._current.call = CallContext(
-            step, time_group(step, self.options.time_groups, self._steps.num_steps), entries.map_batch,
-            entries.first_slot, entries.num_images, latent_grid, self._mask,
+            step, tau, self._time_groups, entries.map_batch, entries.first_slot, entries.num_images, latent_grid,
+            self._mask,
         )
+
+    def _check_guidance(self, guidance, step: int) -> None:
+        """Remembers the first call's reading of the halves; "separate" needs two calls a step."""
+        if self._guidance_kind is None:
+            self._guidance_kind = guidance.kind
+        if step != self._last_step:
+            if guidance.kind == "separate" and self._last_step is not None and self._calls_of_last_step < 2:
+                raise ValueError(
+                    f"cfg_layout='separate' expects two model calls per step (unconditional, then conditional), but step "
+                    f"{self._last_step} had one; pass cfg_layout='none' (or 'auto') for a run with one call per step."
+                )
+            self._last_step, self._calls_of_last_step = step, 0
+        self._calls_of_last_step += 1
 
     def _latent_grid_of(self, call: ModelCall) -> tuple[int, int]:
         if self.options.latent_grid is not None:
@@ -144,6 +202,13 @@ class Tracer:
     def maps(self) -> AttributionMaps:
         """A copy of the maps accumulated so far."""
         ran = [layer for layer in self._layers if layer.info is not None]
+        if not ran and self._calls:
+            raise RuntimeError(
+                f"the model ran {self._calls} time(s) in the trace but no call had entries to map with cfg={self.cfg!r} "
+                f"and cfg_layout={self.options.cfg_layout!r}"
+                + ("; with 'separate', a step needs two calls (unconditional, then conditional)"
+                   if self.options.cfg_layout == "separate" else "") + "."
+            )
         if not ran:
             raise RuntimeError("no traced layer has run yet: call the pipeline inside the `with trace(...)` block first.")
         return AttributionMaps(
