@@ -56,7 +56,7 @@ def _set_layer(field, value):
 
 @pytest.mark.parametrize("edit_meta, edit_tensors, raw, why", [
     (_set_layer("generated_grid", [5, 3]), None, None, "tensor 'down.attn::generated' has shape"),
-    (_set_layer("num_keys", 6), None, None, "tensor 'down.attn::reference' has shape"),
+    (_set_layer("reference_offset", 0), None, None, "tensor 'down.attn::reference' has shape"),
     (None, lambda t: t.__setitem__("down.attn::reference", torch.rand(2, 1, 2, 7)), None, "'down.attn::reference'"),
     (_set_layer("reference_offset", 3), None, None, "exceed num_keys"),
     (lambda m: m.__setitem__("probe_points", [[8, 0]]), None, None, "lies off the latent grid"),

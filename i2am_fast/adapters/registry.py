@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from .base import ModelAdapter
 from .diffusers_unet import DiffusersUNetAdapter
+from .mmdit_flux import FluxAdapter
+from .mmdit_qwen import QwenImageAdapter
+from .mmdit_sd3 import SD3Adapter
 
 __all__ = ["FAMILIES", "adapter_for"]
 
 # Tried in order; more specific families go before the general diffusers one.
-FAMILIES: list[type[ModelAdapter]] = [DiffusersUNetAdapter]
+FAMILIES: list[type[ModelAdapter]] = [FluxAdapter, SD3Adapter, QwenImageAdapter, DiffusersUNetAdapter]
 
 
 def adapter_for(target, options) -> ModelAdapter:

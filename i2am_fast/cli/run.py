@@ -1,4 +1,4 @@
-"""``i2am-fast run``: the same for a local diffusers Paint-by-Example pipeline folder."""
+"""``i2am-fast run``: the same for a local diffusers pipeline folder (Paint-by-Example or FLUX.1 Kontext)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,30 @@ from .outdir import OutputFolder
 
 
 def add_parser(sub) -> None:
-    run = sub.add_parser("run", help="the same for a local diffusers Paint-by-Example pipeline",
-                         description="Loads a diffusers pipeline folder (no download), inpaints --image inside --mask "
-                                     "with --reference, traces it, and writes the same outputs as demo.")
+    run = sub.add_parser("run", help="the same for a local diffusers Paint-by-Example or FLUX.1 Kontext pipeline",
+                         description="Loads a diffusers pipeline folder (no download; the pipeline class is read from "
+                                     "its model_index.json), traces one generation and writes the same outputs as demo. "
+                                     "Paint-by-Example inpaints --image inside --mask with --reference; FLUX.1 Kontext "
+                                     "edits --reference as --prompt (or --prompt-embeds) says.")
     run.add_argument("--pipeline", required=True, help="a diffusers pipeline folder (with model_index.json)")
-    run.add_argument("--image", required=True, help="the image to inpaint")
-    run.add_argument("--mask", required=True, help="single-channel mask of the image's size, white = the region to fill")
-    run.add_argument("--reference", required=True, help="the reference (exemplar) image")
+    run.add_argument("--image", default=None, help="Paint-by-Example: the image to inpaint")
+    run.add_argument("--mask", default=None,
+                     help="Paint-by-Example: single-channel mask of the image's size, white = the region to fill")
+    run.add_argument("--reference", required=True,
+                     help="the reference image (Paint-by-Example: the exemplar; Kontext: the picture to edit)")
     run.add_argument("--reference-mask", default=None, help="single-channel mask of the reference object (for IMACS_r)")
+    run.add_argument("--prompt", default=None, help="Kontext: the edit instruction (needs the folder's text encoders)")
+    run.add_argument("--prompt-embeds", default=None,
+                     help="Kontext: a torch.save'd dict with prompt_embeds [1, L, D] and pooled_prompt_embeds [1, P], "
+                          "for a folder saved without text encoders")
     run.add_argument("--height", type=int, default=None,
-                     help="generation height; the image and mask are resized to it (default: the image's, "
-                          "rounded down to a multiple of the VAE factor)")
-    run.add_argument("--width", type=int, default=None, help="generation width (default: the image's, likewise)")
+                     help="generation height (Paint-by-Example: the image and mask are resized to it; default: the "
+                          "image's, rounded down to a multiple of the VAE factor. Kontext: default from the reference)")
+    run.add_argument("--width", type=int, default=None, help="generation width (default: likewise)")
     run.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                      help=f"refuse input images with more pixels than this (default: {DEFAULT_MAX_PIXELS:,})")
-    run.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
+    run.add_argument("--guidance", type=float, default=None,
+                     help="guidance scale (default: 5 for Paint-by-Example's CFG; Kontext's guidance embedding 3.5)")
     add_run_arguments(run, steps=50)
     run.set_defaults(func=main)
 
@@ -96,14 +105,33 @@ def _generation_size(args, image_size: tuple[int, int], factor: int) -> tuple[in
     return height, width
 
 
+def _pipeline_class(folder: str) -> str:
+    import json
+
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise SystemExit(f"error: {folder} is not a diffusers pipeline folder (no model_index.json); "
+                         "pass the folder written by pipeline.save_pretrained().")
+    with open(os.path.join(folder, "model_index.json")) as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name not in RUNNERS:
+        raise SystemExit(f"error: {folder} holds a {class_name}; `run` drives {' and '.join(sorted(RUNNERS))}. "
+                         "For other pipelines use trace(pipe) from Python.")
+    return class_name
+
+
 def main(args) -> None:
+    RUNNERS[_pipeline_class(args.pipeline)](args)
+
+
+def _run_paint_by_example(args) -> None:
     from PIL import Image
 
     from ..readout.report import write_outputs
 
-    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        raise SystemExit(f"error: {args.pipeline} is not a diffusers pipeline folder (no model_index.json); "
-                         "pass the folder written by pipeline.save_pretrained().")
+    for name in ("image", "mask"):
+        if getattr(args, name) is None:
+            raise SystemExit(f"error: a Paint-by-Example pipeline needs --{name}.")
+    args.guidance = 5.0 if args.guidance is None else args.guidance
     image = read_image(args.image, "--image", args.max_pixels)
     mask = read_mask(args.mask, "--mask", args.max_pixels)
     reference = read_image(args.reference, "--reference", args.max_pixels)
@@ -150,3 +178,41 @@ def main(args) -> None:
         written = write_outputs(maps, stage, images, title="i2am-fast run", notes=notes,
                                 progress=Progress("pictures and report"))
     summary(args.out, written)
+
+
+def _run_flux_kontext(args) -> None:
+    from ..readout.report import write_outputs
+    from .run_kontext import kontext_inputs, load_flux_kontext
+
+    reference = read_image(args.reference, "--reference", args.max_pixels)
+    reference_mask = read_mask(args.reference_mask, "--reference-mask", args.max_pixels) if args.reference_mask else None
+    if reference_mask is not None and reference_mask.shape != (reference.height, reference.width):
+        raise SystemExit(f"error: --reference-mask is {reference_mask.shape[1]}x{reference_mask.shape[0]} but --reference "
+                         f"is {reference.width}x{reference.height}; resize the mask to the reference's size.")
+    device = device_of(args.device)
+    out = OutputFolder(args.out, args.overwrite, inputs=[args.pipeline, args.reference, args.reference_mask or "",
+                                                         args.prompt_embeds or ""])
+    pipe = load_flux_kontext(args.pipeline)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    call = kontext_inputs(args, pipe, device)
+    progress = Progress("denoising (traced)")
+    callback = lambda p, i, t, kw: (progress(i + 1, args.steps), kw)[1]  # noqa: E731
+    with trace(pipe, time_groups=args.time_groups) as tracer:
+        result = pipe(image=reference, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+                      callback_on_step_end=callback, **call).images[0]
+    maps = tracer.maps()
+    ref_size = _bounded((reference.height, reference.width))  # shown as given; the pipeline encodes it at a Kontext size
+    images = {"generated": to_tensor(result, (result.size[1], result.size[0])), "garment": to_tensor(reference, ref_size)}
+    if reference_mask is not None:
+        images["garment_mask"] = resize_mask(reference_mask, ref_size)
+    notes = [f"Pipeline {os.path.abspath(args.pipeline)} ({type(pipe).__name__}), {args.steps} steps, "
+             f"guidance embedding {call['guidance_scale']}, seed {args.seed}; generated = the target tokens, "
+             "reference = the Kontext image tokens of the same joint attention."]
+    with out.staging() as stage:
+        written = write_outputs(maps, stage, images, title="i2am-fast run (FLUX.1 Kontext)", notes=notes,
+                                progress=Progress("pictures and report"))
+    summary(args.out, written)
+
+
+RUNNERS = {"PaintByExamplePipeline": _run_paint_by_example, "FluxKontextPipeline": _run_flux_kontext}

@@ -46,6 +46,17 @@ class ProfileLayer:
     num_keys: int
     heads: int
     head_dim: int
+    map_queries: Optional[int] = None  # generated tokens among the queries (None: every query)
+    map_keys: Optional[int] = None  # reference tokens among the keys (None: every key)
+    share: bool = False  # the reference shares its softmax: a share map per generated token
+
+    @property
+    def mapped_queries(self) -> int:
+        return self.num_queries if self.map_queries is None else self.map_queries
+
+    @property
+    def mapped_keys(self) -> int:
+        return self.num_keys if self.map_keys is None else self.map_keys
 
 
 def _per_block(value, blocks: int) -> list:
@@ -101,8 +112,9 @@ def cross_attention_layers(config: dict, height: int, width: int, conditioning: 
 def memory_rows(layers: Sequence[ProfileLayer], *, batch: int = 2, mapped: int = 1, time_groups: int = 5,
                 probes: int = 0) -> list[dict]:
     """Bytes per layer: ``score_matrix`` (one materialised S for one call, the whole batch),
-    ``authors_maps`` (the authors' stored [H, Nk, h, w] per time group, mapped images),
-    ``i2am_state`` (i2am_fast's accumulators) and ``i2am_workspace`` (its per-call scratch)."""
+    ``authors_maps`` (the authors' stored [H, Nk, h, w] per time group, mapped images; for a
+    joint call the generated x reference block), ``i2am_state`` (i2am_fast's accumulators, with
+    the share map where there is one) and ``i2am_workspace`` (its per-call scratch)."""
     rows = []
     for l in layers:
         query_blocks = -(-l.num_queries // 256)
@@ -110,8 +122,9 @@ def memory_rows(layers: Sequence[ProfileLayer], *, batch: int = 2, mapped: int =
         rows.append({
             "layer": l,
             "score_matrix": batch * l.heads * l.num_queries * l.num_keys * F32,
-            "authors_maps": mapped * time_groups * l.heads * l.num_queries * l.num_keys * F32,
-            "i2am_state": mapped * time_groups * l.heads * (l.num_queries + l.num_keys * (1 + probes)) * F32,
+            "authors_maps": mapped * time_groups * l.heads * l.mapped_queries * l.mapped_keys * F32,
+            "i2am_state": mapped * time_groups * l.heads * (l.mapped_queries * (1 + l.share)
+                                                            + l.mapped_keys * (1 + probes)) * F32,
             "i2am_workspace": mapped * l.heads * (l.num_queries + 3 * chunks * l.num_keys) * F32,
         })
     return rows
@@ -129,7 +142,9 @@ def format_table(rows: Sequence[dict], *, title: str) -> str:
              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         l = r["layer"]
-        lines.append(f"| {l.name} | {l.grid[0]}x{l.grid[1]} | {l.num_queries} | {l.num_keys} | {l.heads}x{l.head_dim} | "
+        nq = f"{l.num_queries}" + ("" if l.map_queries is None else f" ({l.map_queries})")
+        nk = f"{l.num_keys}" + ("" if l.map_keys is None else f" ({l.map_keys})")
+        lines.append(f"| {l.name} | {l.grid[0]}x{l.grid[1]} | {nq} | {nk} | {l.heads}x{l.head_dim} | "
                      f"{_mb(r['score_matrix'])} | {_mb(r['authors_maps'])} | {_mb(r['i2am_state'])} | {_mb(r['i2am_workspace'])} |")
     total = {k: sum(r[k] for r in rows) for k in ("score_matrix", "authors_maps", "i2am_state", "i2am_workspace")}
     lines.append(f"| **all {len(rows)} layers** | | | | | largest {_mb(max(r['score_matrix'] for r in rows))} | "
