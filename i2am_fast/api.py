@@ -22,7 +22,8 @@ def trace(target, **options) -> Tracer:
     Use as ``with i2am_fast.trace(pipe) as tracer: pipe(...)``, then ``tracer.maps()``.
 
     ``target``: a diffusers pipeline (anything with ``.unet``, or ``.transformer``), or any
-    ``torch.nn.Module`` holding diffusers ``Attention`` modules with cross-attention.
+    ``torch.nn.Module`` holding diffusers ``Attention`` modules with cross-attention; or a
+    CompVis ``ldm`` sampler, ``LatentDiffusion`` or ``UNetModel`` (:mod:`i2am_fast.adapters.ldm`).
     ``options``: the fields of :class:`~i2am_fast.tracing.options.TraceOptions` (time_groups,
     num_steps, cfg, layers, reference_grid, probes, inpaint_mask, cfg_layout, latent_grid, layout),
     each described there.

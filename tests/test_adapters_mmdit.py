@@ -214,13 +214,15 @@ def traced_layer_of(module: str, call: int, system) -> str:
     return module
 
 
-def expected_states(system, cap, time_groups: int = 5, halves=("cond",)) -> dict:
+def expected_states(system, cap, time_groups: int = None, halves=("cond",)) -> dict:
     """Per traced layer, float64 ``generated`` / ``reference`` / ``share`` state ``[G, I, H, N]``
     from the captured q/k/v of an untraced run: the entries of the guidance ``halves`` of each
     step's calls (image slots: the unconditional images first), through the materialising
     float64 reference op."""
     from i2am_fast.ops.reference import attention_with_maps_reference
 
+    if time_groups is None:  # the trace's default: 5 groups, at most one per step
+        time_groups = min(5, system.num_steps)
     states = {}
     for c in cap.kernel_calls:
         tcall = cap.transformer_calls[c.transformer_call]

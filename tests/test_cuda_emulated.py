@@ -10,9 +10,10 @@ column statistics, reductions, padding, strides and launch logic, not the hardwa
 registers or rounding. The GPU cases of tests/test_attention_with_maps.py remain the check on
 real hardware.
 
-Tolerances are the CUDA ones of tests/test_attention_with_maps.py: maps within 1e-2 relative of
-the reference for float16/bfloat16 and 1e-4 for float32; the float16/bfloat16 output within
-twice SDPA's own error in that dtype.
+Tolerances are the CUDA ones of tests/helpers.py: maps within 1e-2 relative of the reference for
+float16/bfloat16 and 1e-4 for float32; the float16/bfloat16 output within twice SDPA's own error
+in that dtype. The token-layout cases at the end (map_queries, map_keys, key_padding_mask, the
+share map, -inf rows, large logits) hold float32 to the CPU's 1e-5.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from helpers import (
     default_probes,
     make_qkv,
     make_query_weights,
+    reference,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,8 +74,10 @@ def emulated(emulated_build):
     configure(1, 0)
 
 
-def run(op, q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None):
-    return i2am_fast.AttentionWithMaps(*op(q, k, v, scale, query_weights, probe_index, map_batch))
+def run(op, q, k, v, scale=None, query_weights=None, probe_index=None, map_batch=None, map_queries=None,
+        map_keys=None, key_padding_mask=None):
+    return i2am_fast.AttentionWithMaps(*op(q, k, v, scale, query_weights, probe_index, map_batch, map_queries,
+                                           map_keys, key_padding_mask))
 
 
 # (B, H, Nq, Nk, D, Dv): every head-dim width the kernels compile, odd sizes, one and many blocks.
@@ -196,7 +200,7 @@ def test_emulated_accumulate_into_strided_views(emulated, dtype, rng):
     before = [t.clone() for t in (generated_state, reference_state, probes_state)]
     kw = dict(probe_index=probe_index, map_batch=[1])
     expected = run(op, q, k, v, **kw)
-    output = accumulate(q, k, v, generated, reference, probes, None, None, probe_index, [1])
+    output = accumulate(q, k, v, generated, reference, probes, None, None, None, probe_index, [1])
     assert torch.equal(output, expected.output)
     assert_close_rel(generated, before[0][:, 1].double() + expected.generated.double(), 1e-6, "accumulated generated")
     assert_close_rel(reference, before[1].transpose(0, 1)[..., ::2].double() + expected.reference.double(), 1e-6,
@@ -243,3 +247,155 @@ def test_emulator_catches_a_kernel_that_reads_before_its_copies_land(rng):
     kw = dict(probe_index=default_probes(70, "cpu"))
     with pytest.raises(AssertionError):
         check_against_reference(run(broken, q, k, v, **kw), q, k, v, "cuda", torch.float16, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token layouts: map_queries, map_keys, key_padding_mask, the share map (docs/design.md,
+# "Reference tokens inside one softmax"), scaled down so that the emulated kernels still cross
+# query blocks (64 / 128 rows) and key tiles (32 / 64 keys) and stay fast.
+# ----------------------------------------------------------------------------------------------
+
+from test_op_token_layouts import LAYOUTS, kontext_like  # noqa: E402
+
+SMALL_LAYOUTS = {
+    "kontext": dict(text=20, h=7, w=9, masked_text=6, D=40),
+    "referencenet": dict(h=9, w=7),
+    "catvton-stacked": dict(h=5, w=13),
+    "catvton-side-by-side": dict(h=7, w=9, D=24),
+}
+LAYOUT_DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
+
+
+def check_layout(res, q, k, v, dtype, **kw):
+    """float32 at the CPU tolerances (1e-5 relative: the emulator rounds like float32 hardware
+    except inside mma and exp); half precision at the CUDA ones."""
+    device = "cpu" if dtype == torch.float32 else "cuda"
+    return check_against_reference(res, q, k, v, device, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES)
+@pytest.mark.parametrize("layout", list(SMALL_LAYOUTS))
+def test_emulated_token_layouts(emulated, layout, dtype, rng):
+    """Kontext-like [text | target | reference], ReferenceNet-like appended keys, CatVTON-like
+    stacked and side by side (column-strided index): every output and map, share included,
+    against the float64 reference, with masked keys and probes inside and outside Qg."""
+    (q, k, v), kw = LAYOUTS[layout](dtype, "cpu", rng, **SMALL_LAYOUTS[layout])
+    check_layout(run(emulated[0], q, k, v, **kw), q, k, v, dtype, **kw)
+
+
+def test_emulated_kontext_float16_and_schedules(emulated, rng):
+    """float16, and bit-identical results under another fiber schedule and immediate copies
+    (the gathered loads race with nothing)."""
+    op, _, configure = emulated
+    (q, k, v), kw = kontext_like(torch.float16, "cpu", rng, text=20, h=5, w=7, masked_text=6, D=40)
+    first = run(op, q, k, v, **kw)
+    check_layout(first, q, k, v, torch.float16, **kw)
+    try:
+        configure(0, 2)
+        second = run(op, q, k, v, **kw)
+    finally:
+        configure(1, 0)
+    for name, a, b in zip(first._fields, first, second):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} differs between schedules"
+
+
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES)
+def test_emulated_full_index_sets_are_the_plain_call(emulated, dtype, rng):
+    """Every query, every key in order and an all-True mask give the identity tables: bit for
+    bit the call without them; share is then 1."""
+    op = emulated[0]
+    B, H, Nq, Nk = 2, 1, 90, 70
+    q, k, v = make_qkv((B, H, Nq, Nk, 40, 40), dtype, "cpu", rng)
+    base = dict(probe_index=torch.tensor([0, Nq - 1]), map_batch=[1])
+    plain = run(op, q, k, v, **base)
+    full = run(op, q, k, v, map_queries=torch.arange(Nq), map_keys=torch.arange(Nk),
+               key_padding_mask=torch.ones(B, Nk, dtype=torch.bool), **base)
+    for name in plain._fields:
+        assert torch.equal(getattr(plain, name), getattr(full, name)), name
+    check_layout(plain, q, k, v, dtype, **base)
+    assert_close_rel(plain.share, torch.ones_like(plain.share, dtype=torch.float64), 1e-5, "share of a full call")
+
+
+def test_emulated_every_mapped_key_masked_and_accumulate_share(emulated, rng):
+    """Entry 0 has every mapped key masked: its maps stay 0, entry 1's match the reference. The
+    accumulate op adds every map, share included, into strided state views; share None adds
+    nothing else differently."""
+    op, accumulate, _ = emulated
+    B, H, n = 2, 2, 90
+    q, k, v = make_qkv((B, H, n, n, 16, 16), torch.float32, "cpu", rng)
+    mask = torch.ones(B, n, dtype=torch.bool)
+    mask[0, 60:] = False
+    kw = dict(map_queries=torch.arange(0, 60), map_keys=torch.arange(60, 90), key_padding_mask=mask,
+              probe_index=torch.tensor([4, 70]))
+    res = run(op, q, k, v, **kw)
+    check_layout(res, q, k, v, torch.float32, **kw)
+    for name in ("generated", "reference", "probes", "share"):
+        assert bool((getattr(res, name)[0] == 0).all()), name
+        assert bool((getattr(res, name)[1] != 0).any()), name
+
+    group = {"generated": 1, "reference": 2, "probes": 0, "share": 1}
+    states = {name: torch.rand((B, 3) + tuple(getattr(res, name).shape[1:]), generator=rng) for name in group}
+    before = {name: s.clone() for name, s in states.items()}
+    args = [kw[name] if name in kw else None for name in
+            ("scale", "query_weights", "probe_index", "map_batch", "map_queries", "map_keys", "key_padding_mask")]
+    out = accumulate(q, k, v, *(states[name][:, group[name]] for name in group), *args)
+    assert torch.equal(out.nan_to_num(), res.output.nan_to_num())
+    for name, t in group.items():
+        assert torch.equal(states[name][:, t], before[name][:, t] + getattr(res, name)), name
+        untouched = states[name].clone()
+        untouched[:, t] = before[name][:, t]
+        assert torch.equal(untouched, before[name]), f"{name}: elements outside the view changed"
+    g, r, p = (torch.zeros_like(getattr(res, name)) for name in ("generated", "reference", "probes"))
+    accumulate(q, k, v, g, r, p, None, *args)
+    for name, t in (("generated", g), ("reference", r), ("probes", p)):
+        assert torch.equal(t, getattr(res, name)), f"{name} without a share accumulator"
+
+
+@pytest.mark.parametrize("dtype", LAYOUT_DTYPES)
+def test_emulated_minus_inf_row_poisons_no_other_query(emulated, dtype, rng):
+    """q row 5 = -inf and every key positive: row 5 of S is -inf. Its output is NaN, it adds 0
+    to every map (probed, it gives a zero row), and every other query matches the reference."""
+    B, H, Nq, Nk, D = 1, 2, 150, 100, 16
+    q = torch.randn(B, H, Nq, D, generator=rng).to(dtype)
+    k = (torch.rand(B, H, Nk, D, generator=rng) + 0.1).to(dtype)
+    v = torch.randn(B, H, Nk, D, generator=rng).to(dtype)
+    q[:, :, 5] = float("-inf")
+    kw = dict(probe_index=torch.tensor([5, 6, 149]), map_queries=torch.arange(0, 130), map_keys=torch.arange(30, 100),
+              query_weights=torch.rand(130, generator=rng))
+    res = run(emulated[0], q, k, v, **kw)
+    assert bool(res.output[:, :, 5].isnan().all())
+    alive = torch.arange(Nq) != 5
+    assert bool(res.output[:, :, alive].isfinite().all())
+    for name in ("generated", "reference", "probes", "share"):
+        assert bool(getattr(res, name).isfinite().all()), f"{name} is not finite"
+    assert bool((res.generated[..., 5] == 0).all()) and bool((res.share[..., 5] == 0).all())
+    assert bool((res.probes[:, :, 0] == 0).all())
+    exp = reference(q, k, v, **kw)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name in ("generated", "reference", "probes", "share"):
+        assert_close_rel(getattr(res, name), getattr(exp, name), rtol, name)
+    if dtype == torch.float32:
+        assert_close_rel(res.output[:, :, alive], exp.output[:, :, alive], 1e-5, "output of the other queries")
+
+
+@pytest.mark.parametrize("max_logit", [1e4, 1e6], ids=["S~1e4", "S~1e6"])
+def test_emulated_float32_maps_stay_exact_at_large_logits(emulated, max_logit, rng):
+    """S = max_logit + a_i + b_j + x_i·y_j with small integers (scale 1), exact in float32: every
+    map within 1e-4 relative of float64 (statistics kept as (max, sum) pairs), with a mapped
+    sub-block so that the reordered paths are the ones checked."""
+    Nq, Nk, spread = 150, 140, 40
+
+    def ints(lo, hi, *shape):
+        return torch.randint(lo, hi + 1, shape, generator=rng).double()
+
+    a, b = ints(-spread, spread, Nq, 1), ints(-spread, spread, Nk, 1)
+    q = torch.cat([torch.full((Nq, 1), float(max_logit)), torch.ones(Nq, 1), a, ints(-3, 3, Nq, 5)], 1)
+    k = torch.cat([torch.ones(Nk, 1), b, torch.ones(Nk, 1), ints(-3, 3, Nk, 5)], 1)
+    q, k = q[None, None].float(), k[None, None].float()
+    v = torch.randn(1, 1, Nk, 8, generator=rng)
+    kw = dict(scale=1.0, probe_index=torch.tensor([0, 7, Nq - 1]), map_queries=torch.arange(10, 140),
+              map_keys=torch.arange(Nk - 1, 20, -1))
+    res = run(emulated[0], q, k, v, **kw)
+    exp = reference(q, k, v, **kw)
+    for name in ("generated", "reference", "probes", "share"):
+        assert_close_rel(getattr(res, name), getattr(exp, name), 1e-4, f"{name} at max|S| = {max_logit:g}")

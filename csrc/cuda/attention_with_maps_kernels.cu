@@ -1,14 +1,22 @@
-// CUDA kernels of i2am_fast::attention_with_maps (docs/design.md, "The kernels"), mirroring
-// csrc/cpu/attention_with_maps_cpu.cpp:
+// CUDA kernels of i2am_fast::attention_with_maps_accumulate (docs/design.md, "The kernels"),
+// mirroring csrc/cpu/attention_with_maps_cpu.cpp. Rows and columns are visited in the token order
+// of csrc/attention_with_maps.h (tile loads gather through its tables; null tables = in place):
 //
-//   pass 1   one CTA per (query block, batch entry x head): online softmax over key blocks gives
-//            the output and, for map entries, the row log-sum-exp and per-query-block column
-//            partials (max, sum of exp) of every key;
-//   combine  merges the column partials over query blocks, in order, into the column LSE;
-//   pass 2   map entries only, one CTA per (query block, map entry x head): recomputes the score
-//            tiles; e = exp(S - rowLSE) gives the reference-map partial of the block and the probe
-//            rows, exp(S - colLSE) summed over keys the generated map;
-//   reduce   sums the reference partials over query blocks, in order, into the accumulator.
+//   pass 1   one CTA per (query block, batch entry x head), rows [0, Nq) x the entry's unmasked
+//            keys: online softmax over key blocks gives the output (written to each row's query
+//            position) and, for map entries, the row statistics (max, 1/sum) of rows [0, R2) and
+//            per-query-block column partials (max, sum) of mapped rows x mapped keys;
+//   combine  merges the column partials over query blocks, in order, into column (max, 1/sum);
+//   pass 2   map entries only, one CTA per (query block, map entry x head), rows [0, R2) x the
+//            unmasked mapped keys: recomputes the score tiles; p = exp(S - rowmax) * (1/rowsum)
+//            gives the reference-map partial of the block, the share and the probe rows,
+//            exp(S - colmax) * (1/colsum) summed over keys the generated map;
+//   reduce   sums the reference partials over query blocks, in order, into the accumulator at
+//            each key's map position (key_slot).
+//
+// Every softmax weight is exp(S - max) * (1/sum), never exp(S - log-sum-exp) (tile_math.h;
+// docs/design.md, "Numerical accuracy"). A row whose scores are all -inf has sum 0: output NaN,
+// 0 in every map.
 //
 // Every reduction runs in a fixed order (fixed shuffle butterflies, fixed warp order, fixed
 // query-block order) and every accumulator element is updated by exactly one thread: no float
@@ -208,9 +216,9 @@ struct Config {
   static constexpr int kStatsOffset = kQBytes + 2 * kKVBytes;
   // pass 1: column statistics (max, sum) per warp and column
   static constexpr int kPass1Bytes = kStatsOffset + kWarps * kBK * 8;
-  // pass 2: reference partial per warp and column; column LSE and reuse factor, double
-  // buffered; the row LSE of the block
-  static constexpr int kPass2Bytes = kStatsOffset + kWarps * kBK * 4 + 2 * 2 * kBK * 4 + kBQ * 4;
+  // pass 2: reference partial per warp and column; column max, inverse sum and reuse factor,
+  // double buffered; the row maxima of the block
+  static constexpr int kPass2Bytes = kStatsOffset + kWarps * kBK * 4 + 3 * 2 * kBK * 4 + kBQ * 4;
   static constexpr int kSmemBytes = kPass1Bytes > kPass2Bytes ? kPass1Bytes : kPass2Bytes;
   static_assert(kSmemBytes <= 99 * 1024, "shared memory must fit an sm_86 CTA (99 KB opt-in)");
   // Two CTAs per SM for the narrow half-precision tiles (caps registers at 128 per thread);
@@ -223,11 +231,12 @@ struct Config {
 // Tile loads
 // ------------------------------------------------------------------------------------------------
 
-// smem[r][c] = g[r * row_stride + c] for r < rows_valid, c < width; zero for rows_valid <= r < ROWS.
+// smem[r][c] = g[row(r) * row_stride + c] for r < rows_valid, c < width, where row(r) = rows[r]
+// (a gather through a token order table) or r (rows null); zero for rows_valid <= r < ROWS.
 // Columns width..DP-1 are zeroed once per CTA by zero_pad_columns and never written here.
 template <typename T, int LD, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(
-    T* smem, const T* g, int64_t row_stride, int rows_valid, int width, bool vectorized) {
+    T* smem, const T* g, int64_t row_stride, int rows_valid, int width, bool vectorized, const int* rows) {
   if (vectorized) {
     constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
     const int chunks = width / kChunk;
@@ -237,7 +246,7 @@ __device__ __forceinline__ void load_tile(
       const int c = (i - r * chunks) * kChunk;
       T* dst = smem + r * LD + c;
       if (r < rows_valid) {
-        cp_async_16(dst, g + r * row_stride + c);
+        cp_async_16(dst, g + static_cast<int64_t>(rows == nullptr ? r : rows[r]) * row_stride + c);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
@@ -247,7 +256,8 @@ __device__ __forceinline__ void load_tile(
     for (int i = thread_index(); i < total; i += THREADS) {
       const int r = i / width;
       const int c = i - r * width;
-      smem[r * LD + c] = r < rows_valid ? g[r * row_stride + c] : Element<T>::zero();
+      smem[r * LD + c] =
+          r < rows_valid ? g[static_cast<int64_t>(rows == nullptr ? r : rows[r]) * row_stride + c] : Element<T>::zero();
     }
   }
 }
@@ -448,28 +458,34 @@ __device__ __forceinline__ float quad_max(float x) {
 // ------------------------------------------------------------------------------------------------
 
 // What a CTA of either pass works on and where. Grid (query blocks, entries x heads): CTA
-// (qb, pair) takes query block qb of head pair % H of batch entry entries[entry_offset + slot],
-// slot = pair / H (the map slot for map entries). Shared memory: the query tile [BQ][LD], two
-// key/value tiles [BK][LD] (pass 1: K and V; pass 2: K double buffered) and, from
-// Config::kStatsOffset, the pass's statistics area.
+// (qb, pair) takes query block qb (rows of the token order) of head pair % H of batch entry
+// entries[entry_offset + slot], slot = pair / H (the map slot for map entries). Pass 1 sweeps
+// rows [0, Nq) x the entry's unmasked keys; pass 2 rows [0, R2) x its unmasked mapped keys.
+// Shared memory: the query tile [BQ][LD], two key/value tiles [BK][LD] (pass 1: K and V;
+// pass 2: K double buffered) and, from Config::kStatsOffset, the pass's statistics area.
 template <typename T, int DP>
 struct BlockSetup {
   using C = Config<T, DP>;
 
   int tid, lane, warp, g, t;  // g = lane / 4 and t = lane % 4 as in the m16n8 layout
   int qb, pair, h, slot, b;
-  int nq, nk, nqb, q0;
-  int r0, r1;  // the query rows this lane holds (may lie past Nq in the last block)
-  const T* qg;  // query q0 of the pair
+  int nq;     // rows this pass sweeps: Nq (pass 1) or R2 (pass 2)
+  int nk;     // columns this pass sweeps: key_count[b] (pass 1) or map_key_count[b] (pass 2)
+  int nqb;    // rows of the column / reference partials: ceil(R2 / BQ)
+  int q0;
+  int r0, r1;  // the query rows this lane holds (may lie past nq in the last block)
+  const T* qg;  // query 0 of the pair
   const T* kg;  // key 0 of the pair
   const T* vg;  // value 0 of the pair
+  const int* query_rows;  // query positions of rows q0.., or null (in order)
+  const int* key_cols;    // key positions of the entry's columns, or null (in order)
   T* sq;
   T* tile0;
   T* tile1;
   unsigned char* stats;
   const T* sq_warp;  // the warp's 16 rows of the query tile
 
-  __device__ __forceinline__ BlockSetup(const AttentionMapsLaunch& p, int entry_offset) {
+  __device__ __forceinline__ BlockSetup(const AttentionMapsLaunch& p, int entry_offset, bool pass2) {
     unsigned char* smem = dynamic_smem();
     sq = reinterpret_cast<T*>(smem);
     tile0 = sq + C::kBQ * C::kLd;
@@ -486,14 +502,19 @@ struct BlockSetup {
     h = pair % p.heads;
     slot = pair / p.heads;
     b = p.entries[entry_offset + slot];
-    nq = p.num_queries;
-    nk = p.num_keys;
-    nqb = (nq + C::kBQ - 1) / C::kBQ;
+    nq = pass2 ? p.pass2_rows : p.num_queries;
+    nk = pass2 ? p.map_key_count[b] : p.key_count[b];
+    nqb = (p.pass2_rows + C::kBQ - 1) / C::kBQ;
     q0 = qb * C::kBQ;
 
-    qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2];
+    qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[1];
     vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[1];
+    query_rows = p.query_order == nullptr ? nullptr : p.query_order + q0;
+    key_cols = p.key_order == nullptr ? nullptr : p.key_order + static_cast<int64_t>(b) * p.num_keys;
+    if (query_rows == nullptr) {
+      qg += q0 * p.q_stride[2];
+    }
 
     r0 = q0 + warp * 16 + g;
     r1 = r0 + 8;
@@ -507,18 +528,31 @@ struct BlockSetup {
     zero_pad_columns<T, C::kLd, DP, C::kBQ, C::kThreads>(sq, p.head_dim);
     zero_pad_columns<T, C::kLd, DP, C::kBK, C::kThreads>(tile0, p.head_dim);
     zero_pad_columns<T, C::kLd, DP, C::kBK, C::kThreads>(tile1, tile1_width);
-    load_tile<T, C::kLd, C::kBQ, C::kThreads>(sq, qg, p.q_stride[2], min(C::kBQ, nq - q0), p.head_dim, p.q_vectorized);
+    load_tile<T, C::kLd, C::kBQ, C::kThreads>(
+        sq, qg, p.q_stride[2], min(C::kBQ, nq - q0), p.head_dim, p.q_vectorized, query_rows);
     load_keys(p, tile0, 0);
     cp_async_commit();
   }
 
-  // Starts the copies of keys / values [k0, k0 + BK) into `dst` (rows past Nk become zero);
-  // the caller commits.
+  // Starts the copies of the keys / values of columns [k0, k0 + BK) into `dst` (rows past the
+  // pass's column count become zero); the caller commits.
   __device__ __forceinline__ void load_keys(const AttentionMapsLaunch& p, T* dst, int k0) const {
-    load_tile<T, C::kLd, C::kBK, C::kThreads>(dst, kg + k0 * p.k_stride[2], p.k_stride[2], min(C::kBK, nk - k0), p.head_dim, p.k_vectorized);
+    if (key_cols == nullptr) {
+      load_tile<T, C::kLd, C::kBK, C::kThreads>(
+          dst, kg + k0 * p.k_stride[2], p.k_stride[2], min(C::kBK, nk - k0), p.head_dim, p.k_vectorized, nullptr);
+    } else {
+      load_tile<T, C::kLd, C::kBK, C::kThreads>(
+          dst, kg, p.k_stride[2], min(C::kBK, nk - k0), p.head_dim, p.k_vectorized, key_cols + k0);
+    }
   }
   __device__ __forceinline__ void load_values(const AttentionMapsLaunch& p, T* dst, int k0) const {
-    load_tile<T, C::kLd, C::kBK, C::kThreads>(dst, vg + k0 * p.v_stride[2], p.v_stride[2], min(C::kBK, nk - k0), p.value_dim, p.v_vectorized);
+    if (key_cols == nullptr) {
+      load_tile<T, C::kLd, C::kBK, C::kThreads>(
+          dst, vg + k0 * p.v_stride[2], p.v_stride[2], min(C::kBK, nk - k0), p.value_dim, p.v_vectorized, nullptr);
+    } else {
+      load_tile<T, C::kLd, C::kBK, C::kThreads>(
+          dst, vg, p.v_stride[2], min(C::kBK, nk - k0), p.value_dim, p.v_vectorized, key_cols + k0);
+    }
   }
 };
 
@@ -526,8 +560,10 @@ struct BlockSetup {
 // Pass 1
 // ------------------------------------------------------------------------------------------------
 
-// grid (query blocks, entries x heads); kMaps: the map entries (entries[0, Bm)), with row LSE
-// and column partials; otherwise the other entries (entries[Bm, B)), output only.
+// grid (query blocks, entries x heads) over rows [0, Nq) x the entry's unmasked keys; kMaps: the
+// map entries (entries[0, Bm)), with the row statistics of rows [0, R2) and the column partials
+// of mapped rows x mapped columns; otherwise the other entries (entries[Bm, B)), output only.
+// Output row r goes to query query_order[r].
 template <typename T, int DP, bool kMaps>
 __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>::kMinBlocksMaps : Config<T, DP>::kMinBlocks)
     attention_pass1_kernel(const AttentionMapsLaunch p) {
@@ -536,7 +572,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
   constexpr int SLOTS = C::kSlots, OWNED = C::kOwned, WARPS = C::kWarps;
   using TC = std::integral_constant<bool, C::kTensorCores>;
 
-  const BlockSetup<T, DP> cta(p, kMaps ? 0 : p.map_count);
+  const BlockSetup<T, DP> cta(p, kMaps ? 0 : p.map_count, false);
   const int tid = cta.tid, lane = cta.lane, warp = cta.warp, t = cta.t;
   const int nq = cta.nq, nk = cta.nk, q0 = cta.q0, r0 = cta.r0, r1 = cta.r1;
   T* sk = cta.tile0;
@@ -544,6 +580,13 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
   float2* col_stat = reinterpret_cast<float2*>(cta.stats);  // [WARPS][BK]
   cta.start(p, p.value_dim);
   const bool row_tail = q0 + BQ > nq;
+  // Column statistics: mapped rows [0, Nqm) x mapped columns [0, map_nk) only. The CTA and
+  // tile conditions are block-uniform; the row conditions mask the lane's rows.
+  const int nqm = p.num_map_queries;
+  const int map_nk = kMaps ? p.map_key_count[cta.b] : 0;
+  const bool cta_maps = kMaps && q0 < nqm && map_nk > 0;
+  const bool mapped0 = r0 < nqm;
+  const bool mapped1 = r1 < nqm;
 
   float o[NO][4];
 #pragma unroll
@@ -607,15 +650,17 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     float own_sum[OWNED > 0 ? OWNED : 1];
     bool warp_exact = false;
     float reference = -kInf;
-    if constexpr (kMaps) {
+    const bool tile_maps = cta_maps && k0 < map_nk;
+    if (tile_maps) {
+      // Rows outside Qg take no part: -inf scores and weight 0 below.
       float cm[SLOTS];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        cm[2 * j] = fmaxf(s[j][0], s[j][2]);
-        cm[2 * j + 1] = fmaxf(s[j][1], s[j][3]);
+        cm[2 * j] = fmaxf(mapped0 ? s[j][0] : -kInf, mapped1 ? s[j][2] : -kInf);
+        cm[2 * j + 1] = fmaxf(mapped0 ? s[j][1] : -kInf, mapped1 ? s[j][3] : -kInf);
       }
       reduce_scatter_columns<SLOTS>(cm, lane, MaxOp());
-      reference = fmaxf(mn0, mn1);
+      reference = fmaxf(mapped0 ? mn0 : -kInf, mapped1 ? mn1 : -kInf);
       reference = fmaxf(reference, shfl_xor(reference, 4));
       reference = fmaxf(reference, shfl_xor(reference, 8));
       reference = fmaxf(reference, shfl_xor(reference, 16));
@@ -623,7 +668,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
 #pragma unroll
       for (int i = 0; i < OWNED; ++i) {
         own_max[i] = cm[i];
-        flag = flag || (k0 + owned_column<SLOTS>(lane, i) < nk && reference - cm[i] > kReuseSpread);
+        flag = flag || (k0 + owned_column<SLOTS>(lane, i) < map_nk && reference - cm[i] > kReuseSpread);
       }
       warp_exact = warp_any(flag);
       if (warp_exact) {
@@ -632,11 +677,13 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float c = fmaxf(s[j][e], s[j][2 + e]);
+            const float x0 = mapped0 ? s[j][e] : -kInf;
+            const float x1 = mapped1 ? s[j][2 + e] : -kInf;
+            float c = fmaxf(x0, x1);
             c = fmaxf(c, shfl_xor(c, 4));
             c = fmaxf(c, shfl_xor(c, 8));
             c = fmaxf(c, shfl_xor(c, 16));
-            ex[2 * j + e] = exp_shifted_fast(s[j][e], c) + exp_shifted_fast(s[j][2 + e], c);
+            ex[2 * j + e] = exp_shifted_fast(x0, c) + exp_shifted_fast(x1, c);
           }
         }
         reduce_scatter_columns<SLOTS>(ex, lane, SumOp());
@@ -674,10 +721,10 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
       o[n][3] *= alpha1;
     }
 
-    if constexpr (kMaps) {
+    if (tile_maps) {
       if (!warp_exact) {
-        const float w0 = exp_shifted(mn0, reference);
-        const float w1 = exp_shifted(mn1, reference);
+        const float w0 = mapped0 ? exp_shifted(mn0, reference) : 0.0f;
+        const float w1 = mapped1 ? exp_shifted(mn1, reference) : 0.0f;
         float cs[SLOTS];
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
@@ -704,15 +751,15 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     }
     block_sync();  // V tile landed; column statistics of every warp visible
 
-    if constexpr (kMaps) {
+    if (tile_maps) {
       // Merge the warps' statistics in warp order: the block's partial for these keys.
-      if (tid < BK && k0 + tid < nk) {
+      if (tid < BK && k0 + tid < map_nk) {
         SoftmaxStat<float> stat{col_stat[tid].x, col_stat[tid].y};
 #pragma unroll
         for (int w = 1; w < WARPS; ++w) {
           stat = merge_stats(stat, SoftmaxStat<float>{col_stat[w * BK + tid].x, col_stat[w * BK + tid].y});
         }
-        const int64_t at = (static_cast<int64_t>(cta.pair) * cta.nqb + cta.qb) * nk + k0 + tid;
+        const int64_t at = (static_cast<int64_t>(cta.pair) * cta.nqb + cta.qb) * p.num_map_keys + k0 + tid;
         p.col_max[at] = stat.max;
         p.col_sum[at] = stat.sum;
       }
@@ -721,11 +768,12 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     warp_pv<T, DP, LD, NT>(o, s, sv, lane, TC());
   }
 
-  // Epilogue: full row sums, normalised output, row log-sum-exp.
+  // Epilogue: full row sums, normalised output (NaN for a row whose scores are all -inf: sum 0,
+  // as torch's softmax gives), row statistics.
   l0 = quad_sum(l0);
   l1 = quad_sum(l1);
-  const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
-  const float inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  const float inv0 = 1.0f / l0;
+  const float inv1 = 1.0f / l1;
   const int dv = p.value_dim;
   T* out = static_cast<T*>(p.output) + (static_cast<int64_t>(cta.b) * p.heads + cta.h) * nq * dv;
   const bool pairs_ok = (dv & 1) == 0;
@@ -734,7 +782,7 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
     const int row = half == 0 ? r0 : r1;
     const float inv = half == 0 ? inv0 : inv1;
     if (row < nq) {
-      T* dst = out + static_cast<int64_t>(row) * dv;
+      T* dst = out + static_cast<int64_t>(cta.query_rows == nullptr ? row : cta.query_rows[row - q0]) * dv;
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
         const int c = n * 8 + 2 * t;
@@ -755,49 +803,68 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, kMaps ? Config<T, DP>
   }
   if constexpr (kMaps) {
     if (t == 0) {
-      float* lse = p.row_lse + static_cast<int64_t>(cta.pair) * nq;
-      if (r0 < nq) {
-        lse[r0] = log_sum_exp(SoftmaxStat<float>{m0, l0});
+      const int r2 = p.pass2_rows;
+      float* row_max = p.row_max + static_cast<int64_t>(cta.pair) * r2;
+      float* row_inv = p.row_inv + static_cast<int64_t>(cta.pair) * r2;
+      if (r0 < r2) {
+        row_max[r0] = m0;
+        row_inv[r0] = inverse_sum(SoftmaxStat<float>{m0, l0});
       }
-      if (r1 < nq) {
-        lse[r1] = log_sum_exp(SoftmaxStat<float>{m1, l1});
+      if (r1 < r2) {
+        row_max[r1] = m1;
+        row_inv[r1] = inverse_sum(SoftmaxStat<float>{m1, l1});
       }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Combine: column LSE from the per-query-block partials, merged in query-block order.
+// Combine: column statistics from the per-query-block partials, merged in query-block order,
+// as (max, 1 / sum). A column that is -inf for every mapped query gets (+inf, 0): both of
+// pass 2's paths then give it weight 0.
 // ------------------------------------------------------------------------------------------------
 
 constexpr int kColumnThreads = 256;
 
-__global__ void __launch_bounds__(kColumnThreads) combine_columns_kernel(const AttentionMapsLaunch p, int nqb) {
+// Query blocks that hold mapped rows: the rows of the column partials that pass 1 writes.
+__device__ __forceinline__ int map_query_blocks(const AttentionMapsLaunch& p, int block_rows) {
+  return (p.num_map_queries + block_rows - 1) / block_rows;
+}
+
+__global__ void __launch_bounds__(kColumnThreads) combine_columns_kernel(const AttentionMapsLaunch p, int block_rows) {
   const int key = block_index_x() * kColumnThreads + thread_index();
   const int pair = block_index_y();
-  const int nk = p.num_keys;
-  if (key >= nk) {
+  const int b = p.entries[pair / p.heads];
+  const int nkm = p.num_map_keys;
+  if (key >= p.map_key_count[b]) {
     return;
   }
-  const int64_t base = static_cast<int64_t>(pair) * nqb * nk + key;
+  const int nqb = (p.pass2_rows + block_rows - 1) / block_rows;
+  const int map_blocks = map_query_blocks(p, block_rows);
+  const int64_t base = static_cast<int64_t>(pair) * nqb * nkm + key;
   SoftmaxStat<float> stat{p.col_max[base], p.col_sum[base]};
-  for (int qb = 1; qb < nqb; ++qb) {
-    const int64_t at = base + static_cast<int64_t>(qb) * nk;
+  for (int qb = 1; qb < map_blocks; ++qb) {
+    const int64_t at = base + static_cast<int64_t>(qb) * nkm;
     stat = merge_stats(stat, SoftmaxStat<float>{p.col_max[at], p.col_sum[at]});
   }
-  p.col_lse[static_cast<int64_t>(pair) * nk + key] = log_sum_exp(stat);
+  const int64_t at = static_cast<int64_t>(pair) * nkm + key;
+  p.col_stat_max[at] = stat.sum > 0.0f ? stat.max : kInf;
+  p.col_stat_inv[at] = inverse_sum(stat);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Pass 2 (map entries only)
 // ------------------------------------------------------------------------------------------------
 
-// grid (query blocks, map entries x heads). Per score: e = exp(S - rowLSE) (the key softmax)
-// feeds the reference partial (w-weighted sum over the block's rows) and the probe rows. The
-// query softmax exp(S - colLSE) reuses e as on the CPU: with A = the block's largest row LSE,
-// exp(S - colLSE) = e * exp(rowLSE - A) * exp(A - colLSE), the last factor per column once per
-// tile; columns with A - colLSE > kReuseSpread take a second exponential instead (decided per
-// column; the CPU decides per tile, same bound).
+// grid (pass-2 query blocks, map entries x heads) over rows [0, R2) x the entry's unmasked
+// mapped keys. Per score, with the row statistics (max, inv) of pass 1: r = exp(S - rowmax)
+// and the key softmax p = r * inv feed the reference partial (w-weighted sum over the block's
+// mapped rows), the share (sum over keys) and the probe rows. The query softmax
+// exp(S - colmax) * colinv reuses r as on the CPU: with A = the largest row max of the block's
+// mapped rows, exp(S - colmax) * colinv = r * exp(rowmax - A) * [exp(A - colmax) * colinv], the
+// bracket per column once per tile; columns with A - colmax > kReuseSpread take a second
+// exponential instead (decided per column; the CPU decides per tile, same bound). Rows whose
+// scores are all -inf (inv = 0) and rows past R2 add nothing; rows [Nqm, R2) serve probes only.
 template <typename T, int DP>
 __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBlocks)
     attention_pass2_kernel(const AttentionMapsLaunch p) {
@@ -806,54 +873,70 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
   constexpr int SLOTS = C::kSlots, OWNED = C::kOwned, THREADS = C::kThreads, WARPS = C::kWarps;
   using TC = std::integral_constant<bool, C::kTensorCores>;
 
-  const BlockSetup<T, DP> cta(p, 0);
+  const BlockSetup<T, DP> cta(p, 0, true);
   const int tid = cta.tid, lane = cta.lane, warp = cta.warp, g = cta.g, t = cta.t;
   const int qb = cta.qb, pair = cta.pair, slot = cta.slot, h = cta.h;
   const int nq = cta.nq, nk = cta.nk, q0 = cta.q0, r0 = cta.r0, r1 = cta.r1;
+  if (nk == 0) {
+    return;  // no unmasked mapped key: every map of this entry stays 0 (block-uniform)
+  }
+  const int nqm = p.num_map_queries;
+  const int nkm = p.num_map_keys;
   T* sk0 = cta.tile0;
   T* sk1 = cta.tile1;
   float* ref_part = reinterpret_cast<float*>(cta.stats);  // [WARPS][BK]
-  float* col_lse = ref_part + WARPS * BK;                 // [2][BK]
-  float* col_factor = col_lse + 2 * BK;                   // [2][BK]
-  float* row_lse_block = col_factor + 2 * BK;             // [BQ]
+  float* col_max_s = ref_part + WARPS * BK;               // [2][BK]
+  float* col_inv_s = col_max_s + 2 * BK;                  // [2][BK]
+  float* col_factor = col_inv_s + 2 * BK;                 // [2][BK]
+  float* row_max_block = col_factor + 2 * BK;             // [BQ]
   cta.start(p, p.head_dim);
 
-  const float* row_lse = p.row_lse + static_cast<int64_t>(pair) * nq;
+  const float* row_max = p.row_max + static_cast<int64_t>(pair) * nq;
+  const float* row_inv = p.row_inv + static_cast<int64_t>(pair) * nq;
   for (int i = tid; i < BQ; i += THREADS) {
-    row_lse_block[i] = q0 + i < nq ? row_lse[q0 + i] : -kInf;
+    row_max_block[i] = q0 + i < nqm ? row_max[q0 + i] : -kInf;
   }
-  const bool ok0 = r0 < nq;
-  const bool ok1 = r1 < nq;
-  // Rows past Nq: shift +inf makes every e zero, weight 0; their g is never written.
-  const float rl0 = ok0 ? row_lse[r0] : kInf;
-  const float rl1 = ok1 ? row_lse[r1] : kInf;
-  const float* weights = p.query_weights == nullptr ? nullptr : p.query_weights + static_cast<int64_t>(cta.b) * nq;
-  const float w0 = ok0 ? (weights == nullptr ? 1.0f : weights[r0]) : 0.0f;
-  const float w1 = ok1 ? (weights == nullptr ? 1.0f : weights[r1]) : 0.0f;
+  // Rows that add something: below R2 with a nonzero sum. The others get shift +inf (every
+  // exponential 0) and weight 0; their g and share are never written.
+  const bool live0 = r0 < nq && row_inv[r0] > 0.0f;
+  const bool live1 = r1 < nq && row_inv[r1] > 0.0f;
+  const bool mapped0 = live0 && r0 < nqm;
+  const bool mapped1 = live1 && r1 < nqm;
+  const float rm0 = live0 ? row_max[r0] : kInf;
+  const float rm1 = live1 ? row_max[r1] : kInf;
+  const float ri0 = live0 ? row_inv[r0] : 0.0f;
+  const float ri1 = live1 ? row_inv[r1] : 0.0f;
+  const float* weights = p.query_weights == nullptr ? nullptr : p.query_weights + static_cast<int64_t>(cta.b) * nqm;
+  const float w0 = mapped0 ? (weights == nullptr ? 1.0f : weights[r0]) : 0.0f;
+  const float w1 = mapped1 ? (weights == nullptr ? 1.0f : weights[r1]) : 0.0f;
   block_sync();
 
-  // A = the block's largest row LSE (every warp computes the same value).
+  // A = the largest row max of the block's mapped rows (every warp computes the same value).
   float block_reference = -kInf;
   for (int i = lane; i < BQ; i += 32) {
-    block_reference = fmaxf(block_reference, row_lse_block[i]);
+    block_reference = fmaxf(block_reference, row_max_block[i]);
   }
 #pragma unroll
   for (int mask = 16; mask >= 1; mask >>= 1) {
     block_reference = fmaxf(block_reference, shfl_xor(block_reference, mask));
   }
 
-  const float* col_lse_g = p.col_lse + static_cast<int64_t>(pair) * nk;
-  // Column LSE and reuse factor exp(A - colLSE) of key tile kb (factor -1: exact path).
+  const float* col_max_g = p.col_stat_max + static_cast<int64_t>(pair) * nkm;
+  const float* col_inv_g = p.col_stat_inv + static_cast<int64_t>(pair) * nkm;
+  // Column statistics and reuse factor exp(A - colmax) * colinv of key tile kb (-1: exact path).
   auto stage_columns = [&](int kb, int buf) {
     for (int i = tid; i < BK; i += THREADS) {
       const int key = kb * BK + i;
-      float lse = kInf;
-      float factor = 0.0f;  // keys past Nk: e = 0 anyway
+      float cmax = kInf;
+      float cinv = 0.0f;
+      float factor = 0.0f;  // columns past the mapped keys: weight 0
       if (key < nk) {
-        lse = col_lse_g[key];
-        factor = block_reference - lse <= kReuseSpread ? fast_exp(block_reference - lse) : -1.0f;
+        cmax = col_max_g[key];
+        cinv = col_inv_g[key];
+        factor = block_reference - cmax <= kReuseSpread ? fast_exp(block_reference - cmax) * cinv : -1.0f;
       }
-      col_lse[buf * BK + i] = lse;
+      col_max_s[buf * BK + i] = cmax;
+      col_inv_s[buf * BK + i] = cinv;
       col_factor[buf * BK + i] = factor;
     }
   };
@@ -865,8 +948,10 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
     probe_begin = p.probe_block_start[qb];
     probe_end = p.probe_block_start[qb + 1];
   }
-  float g_reused0 = 0.0f, g_reused1 = 0.0f;  // sum_k e * exp(A - colLSE)
-  float g_exact0 = 0.0f, g_exact1 = 0.0f;    // sum_k exp(S - colLSE) over exact columns
+  const int* key_slot = p.key_slot == nullptr ? nullptr : p.key_slot + static_cast<int64_t>(cta.b) * nkm;
+  float g_reused0 = 0.0f, g_reused1 = 0.0f;  // sum_k r * exp(A - colmax) * colinv
+  float g_exact0 = 0.0f, g_exact1 = 0.0f;    // sum_k exp(S - colmax) * colinv over exact columns
+  float share0 = 0.0f, share1 = 0.0f;        // sum_k p
 
   const int nkb = (nk + BK - 1) / BK;
   for (int kb = 0; kb < nkb; ++kb) {
@@ -885,7 +970,8 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
     float s[NT][4];
     warp_scores<T, DP, LD, NT>(s, cta.sq_warp, buf ? sk1 : sk0, lane, TC());
     const bool col_tail = k0 + BK > nk;
-    const float* lse_tile = col_lse + buf * BK;
+    const float* cmax_tile = col_max_s + buf * BK;
+    const float* cinv_tile = col_inv_s + buf * BK;
     const float* factor_tile = col_factor + buf * BK;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -897,27 +983,33 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
         if (col_tail && k0 + c >= nk) {
           x = -kInf;
         }
-        const float e = fast_exp(x - (i < 2 ? rl0 : rl1));
+        const float r = fast_exp(x - (i < 2 ? rm0 : rm1));
         const float f = (i & 1) ? factor.y : factor.x;
         if (f >= 0.0f) {
           if (i < 2) {
-            g_reused0 += e * f;
+            g_reused0 += r * f;
           } else {
-            g_reused1 += e * f;
+            g_reused1 += r * f;
           }
         } else {
-          const float ex = fast_exp(x - lse_tile[c]);
+          const float ex = fast_exp(x - cmax_tile[c]) * cinv_tile[c];
           if (i < 2) {
             g_exact0 += ex;
           } else {
             g_exact1 += ex;
           }
         }
+        const float e = r * (i < 2 ? ri0 : ri1);
+        if (i < 2) {
+          share0 += e;
+        } else {
+          share1 += e;
+        }
         s[j][i] = e;
       }
     }
 
-    // Reference partial: sum over the warp's rows of w * e, then over warps below.
+    // Reference partial: sum over the warp's rows of w * p, then over warps below.
     float rs[SLOTS];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -930,9 +1022,10 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
       ref_part[warp * BK + owned_column<SLOTS>(lane, i)] = rs[i];
     }
 
-    // Probe rows of this block: the 4 lanes holding the row add its e values.
+    // Probe rows of this block: the 4 lanes holding the row add its p values at the keys' map
+    // positions.
     for (int pi = probe_begin; pi < probe_end; ++pi) {
-      const int row = p.probe_query[pi] - q0;
+      const int row = p.probe_row[pi] - q0;
       if ((row >> 4) == warp && (row & 7) == g) {
         const bool upper = (row & 8) != 0;
         float* dst = p.probes + slot * p.probes_stride[0] + h * p.probes_stride[1] +
@@ -943,7 +1036,8 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
           for (int e = 0; e < 2; ++e) {
             const int key = k0 + j * 8 + 2 * t + e;
             if (key < nk) {
-              dst[key * p.probes_stride[3]] += upper ? s[j][2 + e] : s[j][e];
+              const int position = key_slot == nullptr ? key : key_slot[key];
+              dst[position * p.probes_stride[3]] += upper ? s[j][2 + e] : s[j][e];
             }
           }
         }
@@ -958,47 +1052,62 @@ __global__ void __launch_bounds__(Config<T, DP>::kThreads, Config<T, DP>::kMinBl
         total += ref_part[w * BK + tid];
       }
       // The column-max buffer is free after the combine: it holds the reference partials now.
-      p.col_max[(static_cast<int64_t>(pair) * cta.nqb + qb) * nk + k0 + tid] = total;
+      p.col_max[(static_cast<int64_t>(pair) * cta.nqb + qb) * nkm + k0 + tid] = total;
     }
   }
 
-  // Generated map: g = (exp(rowLSE - A) * reused + exact) / Nk, added into the accumulator.
+  // Generated map: g = (exp(rowmax - A) * reused + exact) / (mapped keys), added into the
+  // accumulator; the share likewise.
   g_reused0 = quad_sum(g_reused0);
   g_reused1 = quad_sum(g_reused1);
   g_exact0 = quad_sum(g_exact0);
   g_exact1 = quad_sum(g_exact1);
+  share0 = quad_sum(share0);
+  share1 = quad_sum(share1);
   if (t == 0) {
     const float inv_keys = 1.0f / static_cast<float>(nk);
     float* gen = p.generated + slot * p.generated_stride[0] + h * p.generated_stride[1];
-    if (ok0) {
-      gen[r0 * p.generated_stride[2]] += (exp_shifted(rl0, block_reference) * g_reused0 + g_exact0) * inv_keys;
+    float* share = p.share == nullptr ? nullptr : p.share + slot * p.share_stride[0] + h * p.share_stride[1];
+    if (mapped0) {
+      gen[r0 * p.generated_stride[2]] += (exp_shifted(rm0, block_reference) * g_reused0 + g_exact0) * inv_keys;
+      if (share != nullptr) {
+        share[r0 * p.share_stride[2]] += share0;
+      }
     }
-    if (ok1) {
-      gen[r1 * p.generated_stride[2]] += (exp_shifted(rl1, block_reference) * g_reused1 + g_exact1) * inv_keys;
+    if (mapped1) {
+      gen[r1 * p.generated_stride[2]] += (exp_shifted(rm1, block_reference) * g_reused1 + g_exact1) * inv_keys;
+      if (share != nullptr) {
+        share[r1 * p.share_stride[2]] += share1;
+      }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Reduce: reference += (1 / Nq) * sum over query blocks (in order) of the partials.
+// Reduce: reference[key_slot[j]] += (1 / Nqm) * sum over the mapped query blocks (in order) of
+// the partials of column j.
 // ------------------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kColumnThreads) reduce_reference_kernel(const AttentionMapsLaunch p, int nqb) {
+__global__ void __launch_bounds__(kColumnThreads) reduce_reference_kernel(const AttentionMapsLaunch p, int block_rows) {
   const int key = block_index_x() * kColumnThreads + thread_index();
   const int pair = block_index_y();
-  const int nk = p.num_keys;
-  if (key >= nk) {
-    return;
-  }
-  const float* parts = p.col_max + static_cast<int64_t>(pair) * nqb * nk + key;
-  float total = 0.0f;
-  for (int qb = 0; qb < nqb; ++qb) {
-    total += parts[static_cast<int64_t>(qb) * nk];
-  }
   const int slot = pair / p.heads;
   const int h = pair % p.heads;
-  p.reference[slot * p.reference_stride[0] + h * p.reference_stride[1] + key * p.reference_stride[2]] +=
-      total * (1.0f / static_cast<float>(p.num_queries));
+  const int b = p.entries[slot];
+  const int nkm = p.num_map_keys;
+  if (key >= p.map_key_count[b]) {
+    return;
+  }
+  const int nqb = (p.pass2_rows + block_rows - 1) / block_rows;
+  const int map_blocks = map_query_blocks(p, block_rows);
+  const float* parts = p.col_max + static_cast<int64_t>(pair) * nqb * nkm + key;
+  float total = 0.0f;
+  for (int qb = 0; qb < map_blocks; ++qb) {
+    total += parts[static_cast<int64_t>(qb) * nkm];
+  }
+  const int position = p.key_slot == nullptr ? key : p.key_slot[static_cast<int64_t>(b) * nkm + key];
+  p.reference[slot * p.reference_stride[0] + h * p.reference_stride[1] + position * p.reference_stride[2]] +=
+      total * (1.0f / static_cast<float>(p.num_map_queries));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1027,16 +1136,17 @@ cudaError_t run(const AttentionMapsLaunch& p, cudaStream_t stream) {
   if (map_pairs == 0) {
     return cudaSuccess;
   }
-  const dim3 column_grid((p.num_keys + kColumnThreads - 1) / kColumnThreads, map_pairs);
-  err = launch_kernel(combine_columns_kernel, column_grid, kColumnThreads, 0, stream, p, nqb);
+  const dim3 column_grid((p.num_map_keys + kColumnThreads - 1) / kColumnThreads, map_pairs);
+  err = launch_kernel(combine_columns_kernel, column_grid, kColumnThreads, 0, stream, p, C::kBQ);
   if (err != cudaSuccess) {
     return err;
   }
-  err = launch_kernel(attention_pass2_kernel<T, DP>, dim3(nqb, map_pairs), C::kThreads, C::kPass2Bytes, stream, p);
+  const int pass2_blocks = (p.pass2_rows + C::kBQ - 1) / C::kBQ;
+  err = launch_kernel(attention_pass2_kernel<T, DP>, dim3(pass2_blocks, map_pairs), C::kThreads, C::kPass2Bytes, stream, p);
   if (err != cudaSuccess) {
     return err;
   }
-  return launch_kernel(reduce_reference_kernel, column_grid, kColumnThreads, 0, stream, p, nqb);
+  return launch_kernel(reduce_reference_kernel, column_grid, kColumnThreads, 0, stream, p, C::kBQ);
 }
 
 }  // namespace
@@ -1064,7 +1174,9 @@ int shared_memory_bytes(ElementType dtype, int padded_dim) {
 
 cudaError_t launch_attention_with_maps(const AttentionMapsLaunch& launch, cudaStream_t stream) {
   if (launch.batch < 1 || launch.heads < 1 || launch.num_queries < 1 || launch.num_keys < 1 ||
-      launch.map_count < 0 || launch.map_count > launch.batch ||
+      launch.map_count < 0 || launch.map_count > launch.batch || launch.key_count == nullptr ||
+      (launch.map_count > 0 && (launch.num_map_queries < 1 || launch.num_map_keys < 1 ||
+                                launch.pass2_rows < launch.num_map_queries || launch.map_key_count == nullptr)) ||
       padded_head_dim(launch.head_dim, launch.value_dim) != launch.padded_dim) {
     return cudaErrorInvalidValue;
   }

@@ -40,7 +40,7 @@ inline constexpr int kMaxHeadDim = kPaddedWidths[kPaddedWidthCount - 1];
 int padded_head_dim(int head_dim, int value_dim);
 
 // Queries per CTA (the query block) for this element type and padded width. The column
-// partials have ceil(Nq / query_block_size) rows per (map entry, head).
+// partials have ceil(R2 / query_block_size) rows per (map entry, head).
 int query_block_size(ElementType dtype, int padded_dim);
 
 // Dynamic shared memory per CTA of the largest kernel for this element type and padded width.
@@ -48,6 +48,12 @@ int shared_memory_bytes(ElementType dtype, int padded_dim);
 
 // One call. Sizes as in docs/design.md ("The kernels"): q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], each with
 // unit stride along its last dim and the element strides given for (batch, head, token).
+//
+// Token order (csrc/attention_with_maps.h explains the tables): the kernels visit query rows
+// and key columns in a reordered index space where the mapped queries (rows [0, Nqm)) and the
+// unmasked mapped keys of entry b (columns [0, map_key_count[b])) are prefixes. Pass 1 sweeps
+// rows [0, Nq) x columns [0, key_count[b]); pass 2 rows [0, R2) x columns [0, map_key_count[b]).
+// A null order table is the identity (the fast path: rows and keys read in place).
 struct AttentionMapsLaunch {
   ElementType dtype = ElementType::kFloat32;
   int batch = 0;
@@ -77,27 +83,41 @@ struct AttentionMapsLaunch {
   // [B] batch entries: the Bm map entries in map-slot order, then the other entries.
   const int* entries = nullptr;
 
-  // Map scratch, only read when map_count > 0 (nqb = ceil(Nq / query_block_size)):
-  float* row_lse = nullptr;     // [Bm, H, Nq]
-  float* col_max = nullptr;     // [Bm, H, nqb, Nk]; pass 2 reuses it for the reference partials
-  float* col_sum = nullptr;     // [Bm, H, nqb, Nk]
-  float* col_lse = nullptr;     // [Bm, H, Nk]
-  const float* query_weights = nullptr;  // [B, Nq] contiguous, or null for all ones
+  // Token order tables (device memory, int32).
+  int num_map_queries = 0;             // Nqm >= 1
+  int num_map_keys = 0;                // Nkm >= 1
+  int pass2_rows = 0;                  // R2: mapped queries, then probe queries outside them
+  const int* query_order = nullptr;    // [Nq]: query position of row r; null = identity
+  const int* key_order = nullptr;      // [B, Nk]: key of column j of entry b; null = identity
+  const int* key_slot = nullptr;       // [B, Nkm]: map position of mapped column j; null = identity
+  const int* key_count = nullptr;      // [B]: unmasked keys of entry b
+  const int* map_key_count = nullptr;  // [B]: unmasked mapped keys of entry b (may be 0)
+
+  // Map scratch, only read when map_count > 0 (nqb2 = ceil(R2 / query_block_size)):
+  float* row_max = nullptr;       // [Bm, H, R2] row maxima
+  float* row_inv = nullptr;       // [Bm, H, R2] 1 / row sums (0: every score of the row is -inf)
+  float* col_max = nullptr;       // [Bm, H, nqb2, Nkm] column partials; pass 2 reuses it for the reference partials
+  float* col_sum = nullptr;       // [Bm, H, nqb2, Nkm]
+  float* col_stat_max = nullptr;  // [Bm, H, Nkm] column maxima (+inf: column -inf for every mapped query)
+  float* col_stat_inv = nullptr;  // [Bm, H, Nkm] 1 / column sums (0 for such a column)
+  const float* query_weights = nullptr;  // [B, Nqm] contiguous, or null for all ones
 
   // Accumulators (float32, any strides; every element is updated by exactly one thread).
-  float* generated = nullptr;  // [Bm, H, Nq]
+  float* generated = nullptr;  // [Bm, H, Nqm]
   int64_t generated_stride[3] = {0, 0, 0};
-  float* reference = nullptr;  // [Bm, H, Nk]
+  float* reference = nullptr;  // [Bm, H, Nkm]
   int64_t reference_stride[3] = {0, 0, 0};
-  float* probes = nullptr;     // [Bm, H, P, Nk], or null when probe_count == 0
+  float* probes = nullptr;     // [Bm, H, P, Nkm], or null when probe_count == 0
   int64_t probes_stride[4] = {0, 0, 0, 0};
+  float* share = nullptr;      // [Bm, H, Nqm], or null (not requested)
+  int64_t share_stride[3] = {0, 0, 0};
 
-  // Probe rows sorted by query index: probe_query[i] is the query of probe slot probe_slot[i];
-  // the probes of query block qb are i in [probe_block_start[qb], probe_block_start[qb + 1]).
+  // Probe rows sorted by row (token order): probe_row[i] is the row of probe slot probe_slot[i];
+  // the probes of pass-2 query block qb are i in [probe_block_start[qb], probe_block_start[qb + 1]).
   int probe_count = 0;
-  const int* probe_query = nullptr;        // [P]
+  const int* probe_row = nullptr;          // [P]
   const int* probe_slot = nullptr;         // [P]
-  const int* probe_block_start = nullptr;  // [nqb + 1]
+  const int* probe_block_start = nullptr;  // [nqb2 + 1]
 };
 
 // Enqueues every kernel of one call on `stream`: pass 1 for the map entries and for the other

@@ -6,7 +6,9 @@ which is replaced by ``device_primitives_host.inc`` (fibers for threads, PTX fra
 ldmatrix and mma.sync, deferred cp.async). The CUDA glue ``attention_with_maps_cuda.cpp`` is
 compiled unchanged against host stand-ins for three c10/cuda headers (``include/``), with its
 dispatcher registration moved to a separate library (``i2am_fast_emulated_<variant>``) on the
-CPU key, so it can be loaded next to the real i2am_fast extension. Needs a C++ compiler and the CUDA
+CPU key, so it can be loaded next to the real i2am_fast extension; the schemas and the composite
+functional op are registered in that library too, and the checks, token order tables and
+accumulator checks are compiled unchanged. Needs a C++ compiler and the CUDA
 runtime headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h), not a GPU, nvcc or a CUDA torch.
 
 ``mutations`` (pairs of old, new source text) build a deliberately broken variant, for the tests
@@ -27,7 +29,10 @@ CSRC = os.path.join(ROOT, "csrc")
 KERNELS = os.path.join(CSRC, "cuda", "attention_with_maps_kernels.cu")
 GLUE = os.path.join(CSRC, "cuda", "attention_with_maps_cuda.cpp")
 REGISTRATION = os.path.join(CSRC, "registration.cpp")
-CHECKS = os.path.join(CSRC, "attention_with_maps_checks.cpp")
+COMPOSITE = os.path.join(CSRC, "attention_with_maps_composite.cpp")
+# Compiled unchanged: argument checks, token order tables, accumulator checks.
+SHARED_SOURCES = [os.path.join(CSRC, name) for name in
+                  ("attention_with_maps_checks.cpp", "token_order.cpp", "accumulators.cpp")]
 PRIMITIVES = os.path.join(HERE, "device_primitives_host.inc")
 LIBRARY = "i2am_fast_emulated"
 
@@ -47,12 +52,33 @@ MUTATIONS = {
     # pass 1 never takes the exact column-statistics path for wide score spreads
     "pass1-no-exact-path": [("reference - cm[i] > kReuseSpread", "false")],
     # pass 2 reuses the row-shifted exponentials even where that underflows
-    "pass2-no-exact-path": [("factor = block_reference - lse <= kReuseSpread ? fast_exp(block_reference - lse) : -1.0f;",
-                             "factor = fast_exp(block_reference - lse);")],
+    "pass2-no-exact-path": [("factor = block_reference - cmax <= kReuseSpread ? fast_exp(block_reference - cmax) * cinv : -1.0f;",
+                             "factor = fast_exp(block_reference - cmax) * cinv;")],
     # the per-CTA setup of both passes leaves the query tile's padding columns unwritten (NaN)
     "setup-no-query-padding": [("    zero_pad_columns<T, C::kLd, DP, C::kBQ, C::kThreads>(sq, p.head_dim);\n", "")],
     # the per-CTA setup ignores the entry offset: pass 1 of the other entries reads the map entries
     "setup-entry-offset": [("b = p.entries[entry_offset + slot];", "b = p.entries[slot];")],
+    # --- token layouts (map_queries, map_keys, key_padding_mask, share) ---
+    # the reference map and probes written at the column's position in the reordered key list
+    # instead of its map position (key_slot ignored)
+    "key-slot-ignored": [("const int position = p.key_slot == nullptr ? key : p.key_slot[static_cast<int64_t>(b) * nkm + key];",
+                          "const int position = key;"),
+                         ("const int position = key_slot == nullptr ? key : key_slot[key];", "const int position = key;")],
+    # pass 2 sweeps the mapped queries only, not the probe rows outside them
+    "pass2-row-bound": [("nq = pass2 ? p.pass2_rows : p.num_queries;", "nq = pass2 ? p.num_map_queries : p.num_queries;")],
+    # the share adds the unnormalised exponentials exp(S - rowmax) instead of the softmax
+    "share-unnormalised": [("          share0 += e;", "          share0 += r;"), ("          share1 += e;", "          share1 += r;")],
+    # keys read in place instead of through the order table: masked keys take part
+    "key-gather-ignored": [("key_cols = p.key_order == nullptr ? nullptr : p.key_order + static_cast<int64_t>(b) * p.num_keys;",
+                            "key_cols = nullptr;")],
+    # pass 1's column statistics over every row of a block, not only the mapped queries
+    "pass1-column-stats-all-rows": [("const bool mapped0 = r0 < nqm;\n  const bool mapped1 = r1 < nqm;",
+                                     "const bool mapped0 = r0 < nq;\n  const bool mapped1 = r1 < nq;")],
+    # output rows written at their row in the token order, not at their query position
+    "output-not-scattered": [("static_cast<int64_t>(cta.query_rows == nullptr ? row : cta.query_rows[row - q0]) * dv",
+                              "static_cast<int64_t>(row) * dv")],
+    # a row whose scores are all -inf gets output 0 instead of NaN
+    "minus-inf-row-output-zero": [("const float inv0 = 1.0f / l0;", "const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;")],
     # mma.sync A fragments in the wrong register order (as if the kernel misread the PTX layout)
     "mma-a-fragment-order": [("const int a_register = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);",
                               "const int a_register = (row >= 8 ? 2 : 0) + (k >= 8 ? 1 : 0);")],
@@ -155,10 +181,15 @@ def generate_sources(out_dir: str, library: str, mutations: Sequence[tuple[str, 
     registration = open(REGISTRATION).read()
     registration = _replace(registration, "TORCH_LIBRARY(i2am_fast, m)", f"TORCH_LIBRARY({library}, m)", "registration")
     registration = registration.replace('#include "', f'#include "{CSRC}/')
+    composite = open(COMPOSITE).read()
+    composite = _replace(composite, '"i2am_fast::attention_with_maps_accumulate"',
+                         f'"{library}::attention_with_maps_accumulate"', "composite")
+    composite = composite.replace("TORCH_LIBRARY_IMPL(i2am_fast,", f"TORCH_LIBRARY_IMPL({library},")
+    composite = _absolute_includes(composite, CSRC)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, text in (("kernels_emulated.cpp", _PRELUDE + kernels + _CONFIGURE), ("glue_emulated.cpp", glue),
-                       ("registration_emulated.cpp", registration)):
+                       ("registration_emulated.cpp", registration), ("composite_emulated.cpp", composite)):
         path = os.path.join(out_dir, name)
         if not os.path.isfile(path) or open(path).read() != text:  # unchanged files keep ninja's cache
             with open(path, "w") as f:
@@ -178,7 +209,7 @@ def build(build_root: str, mutations: Sequence[tuple[str, str]] = (), verbose: b
     tag = hashlib.sha1(repr(list(mutations)).encode()).hexdigest()[:10] if mutations else "kernel"
     name = f"{LIBRARY}_{tag}"
     out_dir = os.path.join(build_root, name)
-    sources = generate_sources(out_dir, name, mutations) + [CHECKS]
+    sources = generate_sources(out_dir, name, mutations) + SHARED_SOURCES
     load(name=name, sources=sources, extra_include_paths=[os.path.join(HERE, "include"), include, CSRC],
          extra_cflags=["-O2", "-w"], build_directory=out_dir, verbose=verbose, is_python_module=False)
     return name, os.path.join(out_dir, f"{name}.so")
