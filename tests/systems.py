@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -461,7 +460,8 @@ def ip_adapter(
     cross-attention (random ``to_k_ip``/``to_v_ip``), ``encoder_hid_proj`` =
     ``MultiIPAdapterImageProjection([ImageProjection(...)])`` and ``encoder_hid_dim_type =
     "ip_image_proj"`` as diffusers' ``_load_ip_adapter_weights`` sets them. Text: 7 random
-    tokens; image: ``num_tokens`` tokens (4 -> a 2x2 reference grid). CFG as one doubled batch
+    tokens; image: ``num_tokens`` tokens from one global embedding, a token list (read as a
+    ``1 x num_tokens`` strip, not a grid). CFG as one doubled batch
     with zero negative image embeds (as diffusers does)."""
     text_dim, image_embed_dim = 32, 16
     with seeded(seed):
@@ -508,7 +508,6 @@ def ip_adapter(
             return latents
 
     loop = IPAdapterLoop()
-    side = math.isqrt(num_tokens)
     return System(
         name="ip_adapter",
         target=loop,
@@ -519,7 +518,7 @@ def ip_adapter(
         n_images=n,
         cfg_layout="doubled",
         layer_grid=_unet_layer_grid(latent_grid),
-        reference_layout=lambda name, nk, grid: ((side, side), 0),
+        reference_layout=lambda name, nk, grid: ((1, nk), 0),  # a token list: a strip
         scheduler=scheduler,
         ip_adapter=True,
     )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .base import PLAIN_LAYOUT, AttentionSink, QueryTokens, TokenLayout
+from .base import PLAIN_LAYOUT, AttentionSink, KeyTokens, QueryTokens, TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
@@ -118,6 +118,10 @@ def _layout(p: Projected) -> TokenLayout:
     return TokenLayout(queries=QueryTokens(grid=(p.input_shape[2], p.input_shape[3])))
 
 
+def _query_tokens(p: Projected) -> QueryTokens:
+    return QueryTokens() if p.input_shape is None else QueryTokens(grid=(p.input_shape[2], p.input_shape[3]))
+
+
 def _input_grid(p: Projected) -> Optional[tuple]:
     return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
 
@@ -128,12 +132,16 @@ class I2AMAttnProcessor:
     ``scale`` is the scale of the processor replaced: ``None`` (SDPA's default ``1/sqrt(d)``)
     for ``AttnProcessor2_0``, ``attn.scale`` for ``AttnProcessor``. ``layout_of`` gives each
     call's token layout (a self-attention layout); default: plain cross-attention.
+    ``qk_norm``: apply ``attn.norm_q`` / ``norm_k``, as ``AttnProcessor2_0`` does and
+    ``AttnProcessor`` does not.
     """
 
-    def __init__(self, layer: AttentionSink, scale: Optional[float] = None, layout_of: Optional[LayoutOf] = None):
+    def __init__(self, layer: AttentionSink, scale: Optional[float] = None, layout_of: Optional[LayoutOf] = None,
+                 qk_norm: bool = True):
         self.layer = layer
         self.scale = scale
         self.layout_of = layout_of
+        self.qk_norm = qk_norm
 
     def __call__(
         self,
@@ -146,7 +154,7 @@ class I2AMAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layer.name)
-        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=True)
+        p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=self.qk_norm)
         layout = _layout(p) if self.layout_of is None else self.layout_of(p.query, p.key, _input_grid(p))
         out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=layout)
         return finish(attn, merge_heads(out, p.query.dtype), p)
@@ -211,11 +219,24 @@ class I2AMIPAdapterAttnProcessor:
     replaced processor's ``to_k_ip`` / ``to_v_ip`` weights and scales. ``ip_adapter_masks``
     (regional IP-Adapter) is not supported while tracing. Like diffusers' processor, it
     applies no ``norm_q`` / ``norm_k``.
+
+    Each branch is a reference source of its own, ``ip<j>``, read with
+    ``maps.reference(source="ip<j>")``: its keys are a token list, not a grid (a plain
+    IP-Adapter's tokens come from one global image embedding, IP-Adapter Plus's are the learned
+    queries of a resampler), one run of ``tokens`` per image given to that adapter.
     """
 
     def __init__(self, original, layers: list[AttentionSink]):
         self.original = original
         self.layers = layers
+        self._layouts: dict = {}  # (query grid, branch) -> TokenLayout, the same object every call
+
+    def _branch_layout(self, p: Projected, j: int) -> TokenLayout:
+        queries = _query_tokens(p)
+        key = (queries.grid, j)
+        if key not in self._layouts:
+            self._layouts[key] = TokenLayout(queries=queries, keys=KeyTokens(source=f"ip{j}", token_list=True))
+        return self._layouts[key]
 
     def __call__(
         self,
@@ -250,9 +271,9 @@ class I2AMIPAdapterAttnProcessor:
 
         # The image branches, traced.
         original = self.original
-        for layer, current_ip_hidden_states, ip_scale, to_k_ip, to_v_ip in zip(
+        for j, (layer, current_ip_hidden_states, ip_scale, to_k_ip, to_v_ip) in enumerate(zip(
             self.layers, ip_hidden_states, original.scale, original.to_k_ip, original.to_v_ip
-        ):
+        )):
             if isinstance(ip_scale, list):
                 if all(s == 0 for s in ip_scale):
                     continue
@@ -261,7 +282,7 @@ class I2AMIPAdapterAttnProcessor:
                 continue
             ip_key = to_k_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
             ip_value = to_v_ip(current_ip_hidden_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
-            branch = layer.attend(p.query, ip_key, ip_value, scale=None, layout=_layout(p))
+            branch = layer.attend(p.query, ip_key, ip_value, scale=None, layout=self._branch_layout(p, j))
             hidden_states = hidden_states + ip_scale * merge_heads(branch, p.query.dtype)
 
         return finish(attn, hidden_states, p)

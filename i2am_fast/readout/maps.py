@@ -245,8 +245,8 @@ class AttributionMaps:
         return [info.name for info in self.layers]
 
     def _read(self, kind, time_group, head, image, normalize, layer, mode, infos, probe=None):
-        self._check_selection(time_group, head, image)
         infos = [self._layer(layer)] if layer is not None else infos
+        self._check_selection(time_group, head, image, infos)
         states = {"generated": self._generated, "reference": self._reference, "probes": self._probes,
                   "share": self._share}[kind]
         on_queries = kind in ("generated", "share")
@@ -274,14 +274,14 @@ class AttributionMaps:
                 return info
         raise ValueError(f"layer {name!r} was not traced; traced layers are {self.layer_names()}.")
 
-    def _check_selection(self, time_group, head, image):
+    def _check_selection(self, time_group, head, image, infos):
         if time_group is not None and not 0 <= time_group < self.time_groups:
             raise ValueError(f"time_group {time_group} is out of range: this trace has {self.time_groups} time groups "
                              f"(0..{self.time_groups - 1}); pass None to integrate over time.")
         if head is not None:
-            heads = min(info.heads for info in self.layers)
+            heads = min(info.heads for info in infos)  # the read layers' heads (layers may differ)
             if not 0 <= head < heads:
-                raise ValueError(f"head {head} is out of range: the traced layers have {heads} heads (0..{heads - 1}); "
+                raise ValueError(f"head {head} is out of range: the layers read have {heads} heads (0..{heads - 1}); "
                                  "pass None to integrate over heads.")
         if not 0 <= image < self.num_images:
             raise ValueError(f"image {image} is out of range: this trace holds maps for {self.num_images} image(s) "
