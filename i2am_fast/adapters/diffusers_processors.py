@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
 
 __all__ = ["I2AMAttnProcessor", "I2AMIPAdapterAttnProcessor", "I2AMInterceptingProcessor", "Projected", "finish",
-           "merge_heads", "no_attention_mask", "project"]
+           "input_grid", "merge_heads", "no_attention_mask", "project"]
 
 # (query [B, H, Nq, d], key [B, H, Nk, d], the attention input's (h, w) for 4-D inputs) -> layout
 LayoutOf = Callable[[torch.Tensor, torch.Tensor, Optional[tuple]], TokenLayout]
@@ -111,19 +111,18 @@ def finish(attn, hidden_states: torch.Tensor, p: Projected) -> torch.Tensor:
     return hidden_states / attn.rescale_output_factor
 
 
-def _layout(p: Projected) -> TokenLayout:
-    """Every query generated, every key reference; a 4-D input names its own query grid."""
-    if p.input_shape is None:
-        return PLAIN_LAYOUT
-    return TokenLayout(queries=QueryTokens(grid=(p.input_shape[2], p.input_shape[3])))
+def input_grid(p: Projected) -> Optional[tuple]:
+    """The ``(h, w)`` of a 4-D (image-shaped) attention input, else None."""
+    return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
 
 
 def _query_tokens(p: Projected) -> QueryTokens:
-    return QueryTokens() if p.input_shape is None else QueryTokens(grid=(p.input_shape[2], p.input_shape[3]))
+    return QueryTokens(grid=input_grid(p))
 
 
-def _input_grid(p: Projected) -> Optional[tuple]:
-    return None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
+def _layout(p: Projected) -> TokenLayout:
+    """Every query generated, every key reference; a 4-D input names its own query grid."""
+    return PLAIN_LAYOUT if p.input_shape is None else TokenLayout(queries=_query_tokens(p))
 
 
 class I2AMAttnProcessor:
@@ -155,7 +154,7 @@ class I2AMAttnProcessor:
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layer.name)
         p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=self.qk_norm)
-        layout = _layout(p) if self.layout_of is None else self.layout_of(p.query, p.key, _input_grid(p))
+        layout = _layout(p) if self.layout_of is None else self.layout_of(p.query, p.key, input_grid(p))
         out = self.layer.attend(p.query, p.key, p.value, scale=self.scale, layout=layout)
         return finish(attn, merge_heads(out, p.query.dtype), p)
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 from .base import AttentionSink, KeyTokens, QueryTokens, TokenLayout
-from .diffusers_processors import finish, merge_heads, no_attention_mask, project
+from .diffusers_processors import finish, input_grid, merge_heads, no_attention_mask, project
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
@@ -158,8 +158,7 @@ class I2AMSourcesAttnProcessor:
     ) -> torch.Tensor:
         no_attention_mask(attention_mask, self.layers[0].name)
         p = project(attn, hidden_states, encoder_hidden_states, None, temb, qk_norm=self.qk_norm)
-        query_grid = None if p.input_shape is None else (p.input_shape[2], p.input_shape[3])
-        layouts = self.layouts_of(self.layers[0].name, p.key.shape[2], query_grid)
+        layouts = self.layouts_of(self.layers[0].name, p.key.shape[2], input_grid(p))
         out = None
         for layer, layout in zip(self.layers, layouts):
             out = layer.attend(p.query, p.key, p.value, scale=self.scale, layout=layout)
