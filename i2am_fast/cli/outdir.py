@@ -19,6 +19,8 @@ import os
 import shutil
 from typing import Iterator, Sequence
 
+from ..readout.files import process_alive
+
 __all__ = ["MANIFEST", "OutputFolder"]
 
 MANIFEST = ".i2am-fast-manifest.json"
@@ -148,17 +150,6 @@ class OutputFolder:
             if not name.startswith(_STAGING_PREFIX):
                 continue
             pid = name[len(_STAGING_PREFIX):]
-            if pid.isdigit() and not _alive(int(pid)):
+            # this process's own leftover (an earlier failed run in it) goes too
+            if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
                 shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

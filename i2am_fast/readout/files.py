@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["FORMAT", "write_maps_file", "read_maps_file"]
+__all__ = ["FORMAT", "process_alive", "write_maps_file", "read_maps_file"]
 
 FORMAT = "i2am_fast.AttributionMaps/1"
 KINDS = ("generated", "reference", "probes", "share")
@@ -73,11 +73,13 @@ def _remove_stale_saves(folder: str) -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             pid = name[len(_SAVE_PREFIX):]
-            if name.startswith(_SAVE_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if name.startswith(_SAVE_PREFIX) and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive): a folder named after
+    a process that is gone was left by a killed run."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
